@@ -1,0 +1,3 @@
+from csdkit.cli import main
+
+main()

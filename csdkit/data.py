@@ -1,0 +1,367 @@
+"""Data: datasets as uint8 image tensors, class-incremental task splits, batch augmentation.
+
+Every dataset becomes the same thing: `ImageSet`s of uint8 images [N, 3, H, W] and int64 labels
+[N], with a train/val/test split and per-channel mean/std. Keeping whole datasets as tensors
+(CIFAR-100's 50k training images are 150 MB) lets augmentation run on batches, on the CPU or on
+the GPU, with no DataLoader in the way.
+
+Datasets:
+- `digits`   scikit-learn's bundled handwritten digits (8x8, 10 classes), the offline default.
+- `glyphs`   40 letters rendered from the fonts matplotlib ships, split by font (csdkit.glyphs).
+- `cifar10`, `cifar100`  through torchvision, downloaded into `root` (default `data/`).
+- `imagefolder`  your own folder of class sub-folders (`path/train/<class>/*`, `path/test/...`).
+
+Class-incremental learning: `make_split` orders the classes and cuts them into tasks; datasets
+are relabelled so that label = position in the class order, hence task t owns the contiguous
+labels [offsets[t], offsets[t+1]) and a model's first n logits are "the classes seen so far".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("digits", "glyphs", "cifar10", "cifar100", "imagefolder")
+CLASS_ORDERS = ("icarl", "natural", "seed")
+
+# The normalisation constants everyone uses for CIFAR (the reference protocol's values).
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class ImageSet:
+    """images: uint8 [N, 3, H, W]; labels: int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(
+                f"ImageSet.images must be uint8 [N, 3, H, W], got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, keep: torch.Tensor) -> ImageSet:
+        """Rows where the boolean mask (or index tensor) `keep` selects."""
+        return ImageSet(self.images[keep], self.labels[keep])
+
+    def of_classes(self, classes) -> ImageSet:
+        """Only the images whose label is in `classes` (any iterable of ints)."""
+        wanted = torch.as_tensor(list(classes), dtype=torch.long)
+        return self.select(torch.isin(self.labels, wanted))
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    class_names: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+    def relabel(self, class_order: list[int]) -> Dataset:
+        """Relabel so that original class `class_order[i]` becomes label i."""
+        lut = torch.empty(self.n_classes, dtype=torch.long)
+        lut[torch.as_tensor(class_order)] = torch.arange(self.n_classes)
+
+        def remap(s: ImageSet) -> ImageSet:
+            return ImageSet(s.images, lut[s.labels])
+
+        return Dataset(
+            self.name, remap(self.train), remap(self.val), remap(self.test),
+            [self.class_names[c] for c in class_order], self.mean, self.std,
+            {**self.info, "class_order": list(class_order)},
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _to_imageset(images: np.ndarray, labels: np.ndarray, size: int) -> ImageSet:
+    """images: uint8 [N, H, W] (grey) or [N, H, W, 3] (RGB) -> ImageSet at size x size."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    return ImageSet(x.contiguous(), torch.as_tensor(labels, dtype=torch.long))
+
+
+def _split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded split of range(len(labels)) into (keep, held_out)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    if fraction <= 0:
+        return idx, idx[:0]
+    keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    return np.sort(keep), np.sort(held)
+
+
+def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.float() / 255
+    return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp_min(1e-3).tolist())
+
+
+def _digits(size: int, seed: int) -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * (255 / 16)).round().astype(np.uint8)  # 0..16 ink levels -> 0..255
+    train, test = _split_indices(d.target, 0.25, seed)
+    names = [str(c) for c in range(10)]
+    return images[train], d.target[train], images[test], d.target[test], names
+
+
+def _cifar(name: str, root: Path, download: bool) -> tuple[np.ndarray, ...]:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR100 if name == "cifar100" else datasets.CIFAR10
+    folder = root / cls.base_folder
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except Exception as err:  # offline: URLError; missing files without download: RuntimeError
+        raise FileNotFoundError(
+            f"{name} is not in {folder} and could not be downloaded ({type(err).__name__}: "
+            f"{err}). On a machine with internet run `python -m csdkit run --dataset {name}` "
+            f"once, or fetch {cls.url} yourself and extract it into {root}/ so that "
+            f"{folder}/ holds the files, then pass --data-root {root}."
+        ) from err
+    names = list(train.classes)
+    return (train.data, np.array(train.targets), test.data, np.array(test.targets), names)
+
+
+def _imagefolder(path: Path, size: int, seed: int) -> tuple[np.ndarray, ...]:
+    from torchvision import datasets, transforms
+
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"imagefolder: {path} is not a folder. Pass --data-path DIR where DIR holds one "
+            "sub-folder per class (or DIR/train/<class>/ and DIR/test/<class>/)."
+        )
+    tf = transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()])
+
+    def read(folder: Path, classes: list[str] | None = None):
+        ds = datasets.ImageFolder(str(folder), transform=lambda im: tf(im.convert("RGB")))
+        if classes is not None and ds.classes != classes:
+            raise ValueError(f"{folder} has classes {ds.classes}, expected {classes}")
+        images = torch.stack([ds[i][0] for i in range(len(ds))]).permute(0, 2, 3, 1).numpy()
+        return images, np.array(ds.targets), ds.classes
+
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        xtr, ytr, names = read(path / "train")
+        xte, yte, _ = read(path / "test", names)
+        return xtr, ytr, xte, yte, names
+    x, y, names = read(path)
+    train, test = _split_indices(y, 0.25, seed)
+    return x[train], y[train], x[test], y[test], names
+
+
+def load_dataset(
+    name: str = "digits",
+    root: str | Path = "data",
+    image_size: int | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    download: bool = True,
+    path: str | Path | None = None,
+) -> Dataset:
+    """Load a dataset as uint8 tensors with a seeded, stratified validation split of train.
+
+    image_size defaults to 16 for digits and glyphs (small and fast on a CPU) and 32 otherwise.
+    The validation split is carved from the training images (test images are never used for
+    any decision). For `glyphs` the split is by font (the test fonts are never seen in training).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    root = Path(root)
+    size = image_size or (16 if name in ("digits", "glyphs") else 32)
+    info: dict = {}
+    if name == "glyphs":
+        from csdkit.glyphs import load_glyphs
+
+        g = load_glyphs(root=root, seed=0)  # the font split is fixed; `seed` varies nothing here
+        train = _to_imageset(g["train_images"], g["train_labels"], size)
+        val = _to_imageset(g["val_images"], g["val_labels"], size)
+        test = _to_imageset(g["test_images"], g["test_labels"], size)
+        names = list(g["class_names"])
+        info = {k: list(g[k]) for k in ("train_fonts", "val_fonts", "test_fonts")}
+    else:
+        if name == "digits":
+            xtr, ytr, xte, yte, names = _digits(size, seed)
+        elif name in ("cifar10", "cifar100"):
+            xtr, ytr, xte, yte, names = _cifar(name, root, download)
+        else:
+            if path is None:
+                raise ValueError("dataset 'imagefolder' needs path= (--data-path) to a folder")
+            xtr, ytr, xte, yte, names = _imagefolder(Path(path), size, seed)
+        keep, held = _split_indices(ytr, val_fraction, seed)
+        train = _to_imageset(xtr[keep], ytr[keep], size)
+        val = _to_imageset(xtr[held], ytr[held], size)
+        test = _to_imageset(xte, yte, size)
+    if name == "cifar100":
+        mean, std = CIFAR100_MEAN, CIFAR100_STD
+    elif name == "cifar10":
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    else:
+        mean, std = _mean_std(train.images)
+    return Dataset(name, train, val, test, names, mean, std, info)
+
+
+# --------------------------------------------------------------------------------------------
+# Class-incremental splits
+
+
+@dataclass
+class TaskSplit:
+    """class_order[i] is the original class id that becomes label i; task t owns the labels
+    offsets[t] .. offsets[t+1]-1."""
+
+    class_order: list[int]
+    increments: list[int]
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.increments)
+
+    @property
+    def offsets(self) -> list[int]:
+        return [0, *np.cumsum(self.increments).tolist()]
+
+    def classes(self, task: int) -> list[int]:
+        """The (relabelled) classes that task `task` brings."""
+        return list(range(self.offsets[task], self.offsets[task + 1]))
+
+    def seen(self, task: int) -> int:
+        """How many classes have been seen after training task `task`."""
+        return self.offsets[task + 1]
+
+    def task_of_label(self) -> np.ndarray:
+        return np.repeat(np.arange(self.n_tasks), self.increments)
+
+
+def class_order(n_classes: int, order: str | list[int] = "icarl", seed: int = 0) -> list[int]:
+    """The order in which classes are learned.
+
+    "icarl": numpy.random.seed(1993); numpy.random.permutation(n) -- the fixed order iCaRL,
+    PyCIL and FACIL use for CIFAR-100, so results compare with the literature; "natural":
+    0..n-1; "seed": a permutation drawn from `seed`; or an explicit list (a permutation).
+    """
+    if isinstance(order, str):
+        if order == "icarl":
+            return np.random.RandomState(1993).permutation(n_classes).tolist()
+        if order == "natural":
+            return list(range(n_classes))
+        if order == "seed":
+            return np.random.RandomState(seed).permutation(n_classes).tolist()
+        raise ValueError(
+            f"unknown class order {order!r}; use one of {', '.join(CLASS_ORDERS)} or a list"
+        )
+    order = [int(c) for c in order]
+    if sorted(order) != list(range(n_classes)):
+        raise ValueError(
+            f"an explicit class order must be a permutation of 0..{n_classes - 1} "
+            f"(each class exactly once); got {len(order)} entries"
+        )
+    return order
+
+
+def make_split(
+    n_classes: int,
+    n_tasks: int | None = None,
+    first: int | None = None,
+    increment: int | None = None,
+    order: str | list[int] = "icarl",
+    seed: int = 0,
+) -> TaskSplit:
+    """Cut n_classes into tasks: `n_tasks` equal tasks, or a first task of `first` classes
+    followed by tasks of `increment` classes each (e.g. CIFAR-100 as 50 + 5 x 10)."""
+    if first is None and increment is None:
+        if n_tasks is None or n_tasks < 1:
+            raise ValueError("make_split needs n_tasks >= 1, or first= and increment=")
+        if n_classes % n_tasks:
+            divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
+            raise ValueError(
+                f"{n_tasks} tasks do not divide {n_classes} classes evenly; choose n_tasks "
+                f"among {divisors}, or give first= and increment= (e.g. first=50, increment=10)"
+            )
+        increments = [n_classes // n_tasks] * n_tasks
+    else:
+        first = first if first is not None else increment
+        if increment is None or first < 1 or increment < 1:
+            raise ValueError("first and increment must be positive class counts")
+        rest = n_classes - first
+        if rest < 0 or rest % increment:
+            raise ValueError(
+                f"a first task of {first} classes plus tasks of {increment} does not cover "
+                f"{n_classes} classes exactly; (n_classes - first) must be a multiple of increment"
+            )
+        increments = [first] + [increment] * (rest // increment)
+        if n_tasks is not None and n_tasks != len(increments):
+            raise ValueError(
+                f"first={first}, increment={increment} gives {len(increments)} tasks, "
+                f"not n_tasks={n_tasks}"
+            )
+    return TaskSplit(class_order(n_classes, order, seed), increments)
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation and normalisation on batches (same code on CPU and GPU)
+
+
+def augment(
+    images: torch.Tensor, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """RandomCrop(size, padding=pad) and RandomHorizontalFlip on a batch, on its own device.
+
+    images: uint8 [B, 3, H, W] -> uint8 [B, 3, H, W]. Each image gets its own crop offset and
+    flip, as torchvision's per-image transforms would give, but in a handful of tensor ops.
+    """
+    b, _, h, w = images.shape
+    dev = images.device
+    if pad > 0:
+        padded = F.pad(images, (pad, pad, pad, pad))  # zero padding, as RandomCrop(padding=4)
+        dy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+        rows = (dy[:, None] + torch.arange(h, device=dev))[:, :, None]  # [B, H, 1]
+        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, :]  # [B, 1, W]
+        batch = torch.arange(b, device=dev)[:, None, None]
+        images = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mirror = torch.rand(b, device=dev, generator=generator) < 0.5
+        images = torch.where(mirror[:, None, None, None], images.flip(3), images)
+    return images.contiguous()
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 (x/255 - mean) / std."""
+    m = torch.as_tensor(mean, device=images.device, dtype=torch.float32)[None, :, None, None]
+    s = torch.as_tensor(std, device=images.device, dtype=torch.float32)[None, :, None, None]
+    return (images.float() / 255 - m) / s

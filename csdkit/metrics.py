@@ -1,0 +1,453 @@
+"""Retrieval and continual-learning metrics.
+
+Everything here is a small pure function. Retrieval uses cosine similarity: rows are
+L2-normalised, so the similarity of two embeddings is their dot product.
+
+Shapes used in the docstrings:
+    N  queries            D  embedding dimension
+    M  gallery items      k  neighbours per query
+    T  trained steps      J  tasks
+
+Two retrieval settings are supported by `recall_at_k` and `mean_average_precision`:
+
+* leave-one-out (``gallery=None``): every item queries all the *other* items of the set;
+* query/gallery: queries come from one set of embeddings and are searched in another.
+  With ``gallery_labels=None`` the gallery holds the *same images* as the queries (row i of
+  both is image i) embedded by another model, e.g. queries from the new model and gallery
+  from the old one (cross-model compatibility). Query i must then not find its own image,
+  so ``exclude_self`` defaults to True. With ``gallery_labels`` given the two sets are
+  distinct and ``exclude_self`` defaults to False.
+
+Similarities are computed a chunk of ``chunk_size`` queries at a time against the whole
+gallery, so memory is O(chunk_size * M) instead of O(N * M), with no per-query Python loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ArrayLike = np.ndarray | torch.Tensor
+TaskOfLabel = Sequence[int] | Mapping[Any, int] | np.ndarray  # label -> task index
+
+# -----------------------------------------------------------------------------
+# input checking and conversion
+
+
+def _as_features(x: ArrayLike, name: str, device: torch.device | None = None) -> torch.Tensor:
+    """numpy array or tensor [N, D] -> float32 tensor [N, D] with unit-norm rows.
+
+    The tensor keeps its device (so CUDA inputs are scored on the GPU) unless `device`
+    is given, which is used to bring the gallery next to the queries.
+    """
+    x = torch.as_tensor(x)
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D [num_items, dim], got shape {tuple(x.shape)}; "
+            "for a single embedding use x[None, :], for a flat batch use x.reshape(len(x), -1)"
+        )
+    if device is not None:
+        x = x.to(device)
+    # float32 whatever came in: half precision is too coarse to order close cosines (and
+    # slow on CPU), float64 doubles the memory of every [chunk, M] similarity block
+    return F.normalize(x.float(), dim=1)
+
+
+def _as_labels(y: Any, n: int, name: str, features_name: str, device: torch.device) -> torch.Tensor:
+    """numpy array, tensor or sequence [N] -> tensor [N] on `device`."""
+    y = torch.as_tensor(y if isinstance(y, torch.Tensor) else np.asarray(y), device=device)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D [num_items], got shape {tuple(y.shape)}")
+    if len(y) != n:
+        raise ValueError(
+            f"{name} has {len(y)} entries but {features_name} has {n} rows; "
+            f"pass one label per row of {features_name}"
+        )
+    return y
+
+
+def _check_k(k: int, num_candidates: int, exclude_self: bool) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got k={k}")
+    if k > num_candidates:
+        why = " after excluding each query's own row" if exclude_self else ""
+        fix = f"use k <= {num_candidates} or " if num_candidates >= 1 else "use "
+        raise ValueError(
+            f"k={k} is larger than the {num_candidates} gallery items a query can retrieve{why}; "
+            f"{fix}a larger gallery"
+        )
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _set_diagonal(x: torch.Tensor, start: int, value: float | bool) -> None:
+    """In place: x[i, start + i] = value for every row i of a chunk x [c, M].
+
+    The chunk holds queries start..start+c-1, so these entries pair each query with its
+    own gallery row (exclude_self).
+    """
+    rows = torch.arange(x.shape[0], device=x.device)
+    x[rows, rows + start] = value
+
+
+def _resolve_sets(
+    features: ArrayLike,
+    labels: Any,
+    gallery: ArrayLike | None,
+    gallery_labels: Any,
+    exclude_self: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Apply the leave-one-out / query-gallery conventions (see the module docstring).
+
+    Returns (queries [N, D], query labels [N], gallery [M, D], gallery labels [M],
+    exclude_self), all on the queries' device, features normalised.
+    """
+    q = _as_features(features, "features")
+    q_labels = _as_labels(labels, len(q), "labels", "features", q.device)
+    if len(q) == 0:
+        raise ValueError("features is empty; pass at least one query row")
+
+    if gallery is None:
+        if gallery_labels is not None:
+            raise ValueError(
+                "gallery_labels was given without gallery; pass gallery=<features [M, D]> "
+                "too, or drop gallery_labels for leave-one-out over `features`"
+            )
+        if exclude_self is False:
+            raise ValueError(
+                "exclude_self=False with gallery=None would let every query retrieve itself; "
+                "leave-one-out always excludes self (leave exclude_self unset), or pass a gallery"
+            )
+        return q, q_labels, q, q_labels, True
+
+    g = _as_features(gallery, "gallery", device=q.device)
+    if g.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"features have dim {q.shape[1]} but gallery has dim {g.shape[1]}; "
+            "queries and gallery must live in the same embedding space"
+        )
+    if gallery_labels is None:
+        # same images embedded by another model: row i of the gallery is query i's image
+        if len(g) != len(q):
+            raise ValueError(
+                f"gallery has {len(g)} rows but features has {len(q)}; without gallery_labels "
+                "the gallery must be the same images as the queries (aligned rows), "
+                "otherwise pass gallery_labels"
+            )
+        g_labels = q_labels
+        exclude_self = True if exclude_self is None else exclude_self
+    else:
+        g_labels = _as_labels(gallery_labels, len(g), "gallery_labels", "gallery", q.device)
+        exclude_self = False if exclude_self is None else exclude_self
+
+    if exclude_self and len(g) != len(q):
+        raise ValueError(
+            f"exclude_self=True needs as many queries as gallery rows (row i is image i), "
+            f"got {len(q)} queries and {len(g)} gallery rows; pass exclude_self=False"
+        )
+    return q, q_labels, g, g_labels, exclude_self
+
+
+# -----------------------------------------------------------------------------
+# retrieval
+
+
+def retrieve(
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    k: int,
+    exclude_self: bool = False,
+    *,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k cosine neighbours of each query in the gallery.
+
+    query_features [N, D], gallery_features [M, D] (numpy or torch, any float dtype).
+    exclude_self: query i may not retrieve gallery row i (needs N == M).
+    Returns (scores [N, k] float32, indices [N, k] int64), most similar first, on the
+    queries' device.
+    """
+    q = _as_features(query_features, "query_features")
+    g = _as_features(gallery_features, "gallery_features", device=q.device)
+    if g.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"query_features have dim {q.shape[1]} but gallery_features have dim {g.shape[1]}; "
+            "queries and gallery must live in the same embedding space"
+        )
+    if exclude_self and len(q) != len(g):
+        raise ValueError(
+            f"exclude_self=True needs as many queries as gallery rows (row i is image i), "
+            f"got {len(q)} queries and {len(g)} gallery rows; pass exclude_self=False"
+        )
+    _check_k(k, len(g) - int(exclude_self), exclude_self)
+    _check_chunk_size(chunk_size)
+    return _topk(q, g, int(k), exclude_self, int(chunk_size))
+
+
+def _topk(
+    q: torch.Tensor, g: torch.Tensor, k: int, exclude_self: bool, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """retrieve() on already normalised, checked tensors q [N, D], g [M, D]."""
+    scores, indices = [], []
+    for start in range(0, len(q), chunk_size):
+        sim = q[start : start + chunk_size] @ g.T  # [c, M] cosines
+        if exclude_self:
+            # -inf is below every cosine, so topk never picks the query's own row
+            _set_diagonal(sim, start, float("-inf"))
+        s, i = torch.topk(sim, k, dim=1)  # [c, k] each, sorted descending
+        scores.append(s)
+        indices.append(i)
+    if not scores:  # no queries
+        return q.new_empty(0, k), torch.empty(0, k, dtype=torch.long, device=q.device)
+    return torch.cat(scores), torch.cat(indices)
+
+
+def recall_at_k(
+    features: ArrayLike,
+    labels: Any,
+    k: int = 1,
+    *,
+    gallery: ArrayLike | None = None,
+    gallery_labels: Any = None,
+    exclude_self: bool | None = None,
+    chunk_size: int = 1024,
+) -> float:
+    """Recall@k: fraction of queries with at least one same-label item among their k
+    nearest (cosine) gallery items.
+
+    features [N, D], labels [N]; gallery [M, D], gallery_labels [M] optional (see the
+    module docstring for leave-one-out vs query/gallery and the exclude_self defaults).
+    """
+    q, q_labels, g, g_labels, exclude_self = _resolve_sets(
+        features, labels, gallery, gallery_labels, exclude_self
+    )
+    _check_k(k, len(g) - int(exclude_self), exclude_self)
+    _check_chunk_size(chunk_size)
+
+    _, idx = _topk(q, g, int(k), exclude_self, int(chunk_size))  # [N, k]
+    hits = (g_labels[idx] == q_labels[:, None]).any(dim=1)  # [N]
+    return hits.float().mean().item()
+
+
+def mean_average_precision(
+    features: ArrayLike,
+    labels: Any,
+    *,
+    gallery: ArrayLike | None = None,
+    gallery_labels: Any = None,
+    exclude_self: bool | None = None,
+    chunk_size: int = 1024,
+) -> float:
+    """mAP over the full cosine ranking of the gallery.
+
+    AP of a query = mean, over its positives (same-label gallery items, own row excluded),
+    of the precision at that positive's rank. Queries with no positive have no defined AP
+    and are skipped; the result is the mean AP of the others. Exactly tied similarities are
+    ordered arbitrarily (sklearn's average_precision_score instead pools ties).
+
+    features [N, D], labels [N]; gallery [M, D], gallery_labels [M] optional (same
+    conventions as `recall_at_k`).
+    """
+    q, q_labels, g, g_labels, exclude_self = _resolve_sets(
+        features, labels, gallery, gallery_labels, exclude_self
+    )
+    _check_chunk_size(chunk_size)
+    if exclude_self and len(g) < 2:
+        raise ValueError("leave-one-out mAP needs at least 2 items (1 query + 1 other)")
+
+    ap_sum, num_valid = 0.0, 0
+    ranks = torch.arange(1, len(g) + 1, device=q.device, dtype=torch.float32)  # [M]
+    for start in range(0, len(q), chunk_size):
+        sim = q[start : start + chunk_size] @ g.T  # [c, M]
+        rel = g_labels[None, :] == q_labels[start : start + chunk_size, None]  # [c, M]
+        if exclude_self:
+            # the own row is a same-label item: it must not count as a positive, and the
+            # -inf sorts it last so it cannot push a real positive down the ranking
+            _set_diagonal(sim, start, float("-inf"))
+            _set_diagonal(rel, start, False)
+        order = torch.argsort(sim, dim=1, descending=True)  # [c, M]
+        rel_sorted = torch.gather(rel, 1, order).float()  # [c, M], 1 at each positive's rank
+        # precision at rank r = (# positives in the top r) / r
+        precision = torch.cumsum(rel_sorted, dim=1) / ranks  # [c, M]
+        num_pos = rel_sorted.sum(dim=1)  # [c]
+        valid = num_pos > 0
+        ap = (precision * rel_sorted).sum(dim=1)[valid] / num_pos[valid]  # [c_valid]
+        ap_sum += ap.double().sum().item()
+        num_valid += int(valid.sum().item())
+
+    if num_valid == 0:
+        raise ValueError(
+            "no query has a positive (a gallery item with the same label, self excluded), "
+            "so mAP is undefined; check the labels, or that each class has >= 2 items"
+        )
+    return ap_sum / num_valid
+
+
+# -----------------------------------------------------------------------------
+# classification
+
+
+def classification_accuracy(logits: ArrayLike, labels: Any) -> float:
+    """Fraction of rows whose argmax over logits [N, C] equals labels [N]."""
+    logits = torch.as_tensor(logits)
+    if logits.ndim != 2:
+        raise ValueError(
+            f"logits must be 2-D [num_items, num_classes], got shape {tuple(logits.shape)}"
+        )
+    labels = _as_labels(labels, len(logits), "labels", "logits", logits.device)
+    if len(logits) == 0:
+        raise ValueError("logits is empty; accuracy needs at least one row")
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+# -----------------------------------------------------------------------------
+# continual-learning summaries
+
+
+def forgetting(R: np.ndarray) -> np.ndarray:
+    """Per-task forgetting (Chaudhry et al., 2018, "Riemannian Walk").
+
+    R [T, J]: R[t, j] = metric (e.g. R@1) on task j after training step t; entries with
+    j > t (task not seen yet) are ignored and may be NaN.
+    Returns f [T-1]: for every task j that is not the last trained one,
+        f[j] = max_{t in [j, T-2]} R[t, j] - R[T-1, j],
+    i.e. how far task j fell from its best value before the final step to the final
+    value. Positive = forgotten, negative = improved (backward transfer). The last task
+    has no "before" and is left out, so for the usual square R the shape is [J-1].
+    """
+    R = np.asarray(R, dtype=np.float64)
+    if R.ndim != 2:
+        raise ValueError(f"R must be 2-D [num_steps, num_tasks], got shape {R.shape}")
+    T, J = R.shape
+    if T < 2:
+        raise ValueError(f"forgetting needs at least 2 trained steps (rows of R), got {T}")
+    if J < T - 1:
+        raise ValueError(
+            f"R has {T} steps but only {J} tasks; every task trained before the last "
+            "step needs a column (R is [num_steps, num_tasks] with num_tasks >= num_steps - 1)"
+        )
+    f = np.empty(T - 1)
+    for j in range(T - 1):
+        col = R[j:, j]  # steps at which task j had been seen: j..T-1
+        if np.isnan(col).any():
+            raise ValueError(
+                f"R[t, {j}] is NaN for some t >= {j}; task {j} must be evaluated at every "
+                "step from the one that trained it on"
+            )
+        f[j] = col[:-1].max() - col[-1]
+    return f
+
+
+# -----------------------------------------------------------------------------
+# per-task retrieval over a continual run
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _task_of_items(labels: Any, task_of_label: TaskOfLabel) -> tuple[np.ndarray, int]:
+    """labels [N] -> (task index of each item [N], number of tasks)."""
+    labels = _to_numpy(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D [num_items], got shape {labels.shape}")
+    if isinstance(task_of_label, Mapping):
+        missing = sorted({lab.item() for lab in labels} - set(task_of_label))
+        if missing:
+            raise ValueError(f"labels {missing[:5]} have no entry in task_of_label")
+        tasks = np.array([task_of_label[lab.item()] for lab in labels], dtype=np.int64)
+        num_tasks = int(max(task_of_label.values())) + 1
+    else:
+        table = np.asarray(task_of_label, dtype=np.int64)  # [num_classes]
+        if table.ndim != 1:
+            raise ValueError(f"task_of_label must be 1-D (label -> task), got shape {table.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(table)):
+            raise ValueError(
+                f"labels must be integers in [0, {len(table)}) to index task_of_label, "
+                f"got range [{labels.min()}, {labels.max()}]; pass a dict for other labels"
+            )
+        tasks = table[labels.astype(np.int64)]
+        num_tasks = int(table.max()) + 1 if table.size else 0
+    return tasks, num_tasks
+
+
+def _rows(x: ArrayLike, mask: np.ndarray) -> ArrayLike:
+    """x[mask] for numpy or torch x (on any device)."""
+    if isinstance(x, torch.Tensor):
+        return x[torch.as_tensor(mask, device=x.device)]
+    return np.asarray(x)[mask]
+
+
+def task_recall_matrix(
+    features_per_step: Sequence[ArrayLike],
+    labels: Any,
+    task_of_label: TaskOfLabel,
+    k: int = 1,
+) -> np.ndarray:
+    """Recall@k per task after each training step.
+
+    features_per_step: one [N, D] array per trained step t, embeddings (by the model after
+    step t) of the test images of ALL tasks; labels [N]; task_of_label maps label -> task.
+    Returns R [T, J] (T steps, J tasks) with
+        R[t, j] = leave-one-out recall_at_k over the test images of task j only,  j <= t
+        R[t, j] = NaN,                                                              j > t
+    since the classes of a task not trained yet are not evaluated. Feed R to `forgetting`.
+    """
+    if len(features_per_step) == 0:
+        raise ValueError("features_per_step is empty; pass one [N, D] array per trained step")
+    tasks, num_tasks = _task_of_items(labels, task_of_label)
+    labels = _to_numpy(labels)
+
+    R = np.full((len(features_per_step), num_tasks), np.nan)
+    for t, feats in enumerate(features_per_step):
+        if len(feats) != len(labels):
+            raise ValueError(
+                f"features_per_step[{t}] has {len(feats)} rows but labels has {len(labels)}; "
+                "each step must embed the same test images, in the same order"
+            )
+        for j in range(min(t + 1, num_tasks)):
+            mask = tasks == j
+            if mask.sum() < 2:
+                raise ValueError(
+                    f"task {j} has {mask.sum()} test image(s); leave-one-out recall needs >= 2 "
+                    "per task (check labels and task_of_label)"
+                )
+            R[t, j] = recall_at_k(_rows(feats, mask), labels[mask], k)
+    return R
+
+
+def seen_recall(
+    features: ArrayLike,
+    labels: Any,
+    task_of_label: TaskOfLabel,
+    t: int,
+    k: int = 1,
+) -> float:
+    """Leave-one-out recall_at_k over the test images of all tasks <= t.
+
+    features [N, D], labels [N] cover the test images of all tasks; this is the
+    "average R@k over seen classes" after step t (one retrieval over the union, so
+    classes of different seen tasks compete, unlike the per-task `task_recall_matrix`).
+    """
+    tasks, _ = _task_of_items(labels, task_of_label)
+    if len(features) != len(tasks):
+        raise ValueError(
+            f"labels has {len(tasks)} entries but features has {len(features)} rows; "
+            "pass one label per row of features"
+        )
+    mask = tasks <= t
+    if not mask.any():
+        raise ValueError(f"no test image belongs to a task <= {t}; check t and task_of_label")
+    labels = _to_numpy(labels)
+    return recall_at_k(_rows(features, mask), labels[mask], k)

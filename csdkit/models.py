@@ -1,0 +1,116 @@
+"""The model: a CIFAR-style ResNet feature extractor and a growing cosine classifier.
+
+ResNet-(6n+2) as in He et al. 2016, section 4.2: three stages of n basic blocks with 16/32/64
+channels, "option A" shortcuts (stride-2 subsampling plus zero-padded channels, so the shortcut
+has no parameters), global average pooling to a 64-d feature. Depth 32 (n=5) is the paper's
+model; the small depths (8, 14, 20) keep CPU runs short.
+
+The classifier has no bias and L2-normalises its weight rows at every forward, so a logit is
+|f| cos(f, w_c): the class direction alone decides, which suits a model that is also used for
+cosine retrieval. It grows when a task brings new classes and keeps the old rows bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        # Option A: a parameter-free shortcut. Subsample by 2 and pad the new channels with zeros.
+        self.pad = planes - in_planes if (stride != 1 or in_planes != planes) else 0
+        self.stride = stride
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad == 0 and self.stride == 1:
+            return x
+        x = x[:, :, :: self.stride, :: self.stride]
+        half = self.pad // 2
+        return F.pad(x, (0, 0, 0, 0, half, self.pad - half))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CosineClassifier(nn.Module):
+    """logits[b, c] = features[b] . w_c / |w_c|  (no bias).  features [B, D] -> logits [B, C]."""
+
+    def __init__(self, feature_dim: int, n_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_classes, feature_dim))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default initialisation
+
+    @property
+    def n_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ F.normalize(self.weight, dim=1).t()
+
+    @torch.no_grad()
+    def grow(self, n_new: int) -> None:
+        """Add `n_new` freshly initialised rows; the old rows are copied unchanged.
+
+        A new Parameter replaces the old one, so build the optimizer after growing.
+        """
+        if n_new < 1:
+            raise ValueError(f"grow() needs n_new >= 1, got {n_new}")
+        new_rows = torch.empty(n_new, self.weight.shape[1], device=self.weight.device)
+        nn.init.kaiming_uniform_(new_rows, a=5**0.5)
+        self.weight = nn.Parameter(torch.cat([self.weight.detach(), new_rows.to(self.weight)]))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet: images [B, 3, H, W] (normalised) -> (logits [B, C], features [B, 64])."""
+
+    def __init__(self, depth: int = 32, n_classes: int = 10):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(
+                f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, ...), got {depth}"
+            )
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks, in_planes = [], 16
+        for planes, stride in [(16, 1), (32, 2), (64, 2)]:
+            for i in range(n):
+                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.feature_dim = 64
+        self.classifier = CosineClassifier(self.feature_dim, n_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def n_classes(self) -> int:
+        return self.classifier.n_classes
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.blocks(x)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.embed(x)
+        return self.classifier(features), features
+
+
+def resnet(depth: int = 32, n_classes: int = 10) -> ResNet:
+    return ResNet(depth=depth, n_classes=n_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
