@@ -61,21 +61,24 @@ def reference_rows(cfg: Config, seeds: list[int]) -> list[dict]:
 
 
 def demo(datasets: list[str], seeds: list[int], methods: list[str], out: Path, workers: int,
-         quiet: bool) -> None:
+         quiet: bool, **overrides) -> None:
     from csdkit import report
 
     for dataset in datasets:
-        cfg0 = demo_config(dataset)
+        cfg0 = demo_config(dataset).replace(**{k: v for k, v in overrides.items() if v})
         prepare(cfg0)  # builds and caches the data once, before workers start
         jobs = [(cfg0.replace(seed=s), m) for s in seeds for m in methods]
         start = time.perf_counter()
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        # One thread per run, whatever the number of workers: on a CPU the reduction order of
+        # the backward pass depends on the thread count, and so would the numbers.
         if workers > 1:
-            with ProcessPoolExecutor(workers, initializer=_worker_init,
-                                     initargs=(threads,)) as pool:
+            with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(1,)) as pool:
                 results = list(pool.map(_demo_job, jobs))
         else:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
             results = [_demo_job(j) for j in jobs]
+            torch.set_num_threads(threads)
         wall = time.perf_counter() - start
         rows = [report.run_row(r) for r in results] + reference_rows(cfg0, seeds)
         order = ["raw pixels", "untrained net", *methods]
@@ -114,7 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", nargs="+", default=DEMO_METHODS, choices=list(METHODS))
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     d.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="processes in parallel, the cores split between them (default 2)")
+                   help="runs in parallel, one thread each (default: 2, or 1 on one core); "
+                   "the numbers do not depend on it")
+    d.add_argument("--epochs", type=int, help="override the epochs per task (a quick look)")
+    d.add_argument("--tasks", type=int, help="override the number of tasks")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
     r = sub.add_parser("run", help="train one method on one dataset (real runs, GPU if present)",
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.command == "demo":
         if a.seeds < 2:
             raise SystemExit("demo needs --seeds >= 2 to report a spread over seeds")
-        demo(a.dataset, list(range(a.seeds)), a.methods, a.out, max(1, a.workers), a.quiet)
+        demo(a.dataset, list(range(a.seeds)), a.methods, a.out, max(1, a.workers), a.quiet,
+             epochs=a.epochs, n_tasks=a.tasks)
     else:
         _run_command(a)
 

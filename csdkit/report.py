@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,9 @@ def plot_task_matrices(results: list[RunResult], path: str | Path | None = None)
     methods = list(dict.fromkeys(r.method for r in results if r.method != "joint"))
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3), squeeze=False)
     for ax, m in zip(axes[0], methods, strict=True):
-        R = np.nanmean([np.asarray(r.recall, float) for r in results if r.method == m], axis=0)
+        with warnings.catch_warnings():  # the upper triangle (unseen tasks) is all NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            R = np.nanmean([np.asarray(r.recall, float) for r in results if r.method == m], 0)
         T = R.shape[0]
         sns.heatmap(R, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=T <= 6, fmt=".2f",
                     cbar=False, mask=np.isnan(R), square=True,
