@@ -83,6 +83,12 @@ class Dataset:
 
     def relabel(self, class_order: list[int]) -> Dataset:
         """Relabel so that original class `class_order[i]` becomes label i."""
+        class_order = [int(c) for c in class_order]
+        if sorted(class_order) != list(range(self.n_classes)):
+            # otherwise classes left out would keep uninitialised labels from torch.empty
+            raise ValueError(
+                f"relabel needs a permutation of 0..{self.n_classes - 1}, got {class_order}"
+            )
         lut = torch.empty(self.n_classes, dtype=torch.long)
         lut[torch.as_tensor(class_order)] = torch.arange(self.n_classes)
 

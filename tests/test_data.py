@@ -548,6 +548,13 @@ def test_relabel_maps_class_order_i_to_label_i():
             assert order[int(y_new)] == int(y_old)
             assert int(img[0, 0, 0]) == order[int(y_new)] * 10 + split_id
     assert ds.train.labels.max() == 4  # the original is left untouched
+    assert ds.relabel(np.array([3, 0, 4, 1, 2])).info["class_order"] == order
+
+
+@pytest.mark.parametrize("bad", [[0, 0, 1, 2, 3], [0, 1, 2], [0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5]])
+def test_relabel_rejects_a_non_permutation(bad):
+    with pytest.raises(ValueError, match="permutation"):
+        _toy_dataset().relabel(bad)
 
 
 def test_relabel_with_split_makes_tasks_contiguous():
