@@ -124,7 +124,14 @@ def _split_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.n
     idx = np.arange(len(labels))
     if fraction <= 0:
         return idx, idx[:0]
-    keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    try:
+        keep, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as err:  # too few images per class to hold some out of every class
+        raise ValueError(
+            f"cannot hold out a stratified {fraction:.0%} of {len(labels)} images over "
+            f"{len(np.unique(labels))} classes ({err}); give each class more images, or change "
+            "the fraction (val_fraction=0 keeps no validation split)"
+        ) from err
     return np.sort(keep), np.sort(held)
 
 

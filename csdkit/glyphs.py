@@ -31,21 +31,34 @@ one point size per face (chosen so the face's capitals are about 55% of the imag
 keep their relative size within a face, so 'a' stays smaller than 'A'. Each (face, class) pair
 then gets ``samples_per_font`` random variants: an affine jitter (rotation +-12 deg, scale
 0.8-1.1, shear +-0.15, translation +-size/16 px, i.e. +-2 px at 32 px), with probability 1/4
-each a stroke thickening or thinning by half an output pixel (grey dilation/erosion at 4x), a
-4x box downsampling and Gaussian pixel noise of a random strength. A single
+each a thicker stroke (grey dilation by 1/2 output pixel on each side) or a thinner one (erosion
+by only 1/4 pixel: the hairlines of the light serif faces would vanish otherwise), a 4x box
+downsampling and Gaussian pixel noise of a random strength (sigma 2-16 grey levels). A single
 ``numpy.random.default_rng(seed)`` is consumed in a fixed order, so a seed gives byte-identical
-arrays on a given font set.
+arrays for a given font set and Pillow/FreeType build. The default build (22 faces x 40 classes x
+12 variants = 10,560 images) takes about 3-5 s on one core; its cache is a 6 MB npz.
 
 The split is by font, like notMNIST's held-out fonts: validation and test faces are never seen
 in training. Whole families go to one split (so e.g. DejaVu Sans Bold in training cannot leak
 DejaVu Sans into the test set); families are shuffled with the seed and dealt, largest first, to
-the split furthest below its share of 60/15/25%. With the 22 faces above that gives 13/4/5
-faces. Samples in a split are ordered font, then class, then variant.
+the split furthest below its share of 60/15/25% (at least 2 faces for val and 3 for test; if whole
+families cannot meet that, faces are dealt one by one instead). With the 22 faces above that
+gives 13/4/5 faces, e.g. for seed 0 val = Computer Modern Roman, test = STIXGeneral + cmtt10.
+Samples in a split are ordered font, then class, then variant.
+
+How hard it is
+--------------
+Cosine 1-NN on raw pixels, which scores 0.967 on scikit-learn's 8x8 digits, gets 0.73 from train
+to test here (seed 0; 0.69-0.81 over seeds 0-3, depending on which designs land in the test
+split), and 0.72 leave-one-out within the test split. A small 3-layer CNN without augmentation
+reaches about 0.9 on the unseen test fonts in a few epochs, so there is room both ways.
 
 Limits
 ------
 - Few fonts: 22 faces but only 7 designs, so a test split holds 1-2 unseen designs and the
   numbers move a lot with the seed (the seed also picks the split). Report means over seeds.
+- Families are taken at face value: DejaVu Sans and DejaVu Sans Mono are separate families but
+  close designs, so a split that puts one in train and the other in test is easier (seed 2).
 - Synthetic and clean: no real-world backgrounds, blur, occlusion or handwriting.
 - Some classes are hard to tell apart across fonts even so (e.g. 'a'/'q' in an italic face,
   'j'/'J', 'n'/'h' under shear, 'I' as a bare bar in sans faces vs a serifed 'I').
@@ -103,8 +116,8 @@ def _ink(font: ImageFont.FreeTypeFont, char: str) -> Image.Image | None:
 def _maps_to_named_glyphs(path: Path, chars: str) -> bool:
     """True if the cmap sends each character to a glyph carrying the character's own name.
 
-    Symbol fonts put maths glyphs in the ASCII slots (cmsy10 draws '\u22a2' for 'a'), which would
-    pass any "renders something distinct" test; their glyph names give them away.
+    Symbol fonts put maths glyphs in the ASCII slots (cmsy10 draws a turnstile for 'a'), which
+    would pass any "renders something distinct" test; their glyph names give them away.
     """
     ft = FT2Font(str(path))
     for c in chars:
