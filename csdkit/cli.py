@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from csdkit.data import DATASETS
-from csdkit.train import METHODS, PRESETS, Config, RunResult, prepare, run
+from csdkit.train import METHODS, PRESETS, Config, RunResult, prepare, preset, run
 
 DEMO_METHODS = ["finetune", "lwf", "fd", "csd", "csd_official", "joint"]
 DEMO_PAIRS = [("csd", "lwf"), ("csd", "fd"), ("csd", "finetune"), ("csd_official", "csd"),
@@ -22,7 +22,7 @@ DEMO_PAIRS = [("csd", "lwf"), ("csd", "fd"), ("csd", "finetune"), ("csd_official
 
 def demo_config(dataset: str) -> Config:
     """The protocol the demo uses on each embedded dataset (see README, 'The demo')."""
-    return PRESETS["quick"].replace(dataset=dataset)
+    return preset("quick", dataset)
 
 
 def _worker_init(threads: int) -> None:
@@ -154,9 +154,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_command(a: argparse.Namespace) -> None:
-    cfg = PRESETS[a.preset]
+    cfg = preset(a.preset, a.dataset)
     changes = {
-        "dataset": a.dataset, "data_root": a.data_root, "data_path": a.data_path,
+        "data_root": a.data_root, "data_path": a.data_path,
         "n_tasks": a.tasks, "first_task": a.first_task, "increment": a.increment,
         "depth": a.depth, "epochs": a.epochs, "batch_size": a.batch_size,
         "lr_first": a.lr_first, "lr_later": a.lr_later, "seed": a.seed, "device": a.device,

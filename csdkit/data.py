@@ -220,7 +220,7 @@ def load_dataset(
     if name == "glyphs":
         from csdkit.glyphs import load_glyphs
 
-        g = load_glyphs(root=root, seed=0)  # the font split is fixed; `seed` varies nothing here
+        g = load_glyphs(root=root, seed=0, samples_per_font=8)  # a fixed font split
         train = _to_imageset(g["train_images"], g["train_labels"], size)
         val = _to_imageset(g["val_images"], g["val_labels"], size)
         test = _to_imageset(g["test_images"], g["test_labels"], size)

@@ -240,14 +240,13 @@ def triplet_loss(features: Tensor, labels: Tensor, margin: float = 1.0) -> Tenso
     pos_mask = same & ~eye  # an anchor is not its own positive
     neg_mask = ~same
     valid = pos_mask.any(dim=1) & neg_mask.any(dim=1)
-    if not bool(valid.any()):
-        return features.sum() * 0.0  # zero, but differentiable
 
-    # Masked entries are set to -inf / +inf so max/min (and their gradients) ignore them.
+    # Masked entries are set to -inf / +inf so max/min (and their gradients) ignore them; an
+    # invalid anchor gets relu(-inf) = 0. No data-dependent branch: no GPU sync, one graph.
     hardest_pos = dist.masked_fill(~pos_mask, float("-inf")).amax(dim=1)
     hardest_neg = dist.masked_fill(~neg_mask, float("inf")).amin(dim=1)
     per_anchor = F.relu(hardest_pos - hardest_neg + margin)
-    return per_anchor[valid].mean()
+    return torch.where(valid, per_anchor, 0.0).sum() / valid.sum().clamp_min(1)
 
 
 # --------------------------------------------------------------------------- feature distillation

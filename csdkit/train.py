@@ -79,17 +79,25 @@ class Config:
     csd_temperature: float = 0.07
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when present, else CPU
-    bf16: bool = True  # CUDA only: bf16 autocast
-    channels_last: bool = True  # CUDA only
-    compile: bool = False  # CUDA only: torch.compile the training step's model
+    # Speed knobs (see `speed_options`). True: on CUDA only, so CPU runs stay plain fp32;
+    # "always": on any device, CPU included (how the tests check the fast path); False: off.
+    bf16: bool | str = True  # bf16 autocast of the forward passes (losses stay fp32)
+    channels_last: bool | str = True  # NHWC memory format: what tensor cores want for convs
+    # CUDA only. torch.compile of the per-batch loss (student + teacher forwards and losses).
+    # True: mode "max-autotune-no-cudagraphs"; "reduce-overhead" adds CUDA graphs (fine: the
+    # batches are static-shaped, drop_last); any other torch.compile mode string; False: off.
+    compile: bool | str = False
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
 
 PRESETS: dict[str, Config] = {
-    # Seconds per task on a 2-core CPU: digits at 16x16, ResNet-8.
-    "quick": Config(),
+    # Seconds per task on a 2-core CPU: digits at 16x16, ResNet-8, 5 tasks of 2 classes. The
+    # first task learns at 1e-3; later tasks learn gently from the previous model (the spirit of
+    # the authors' 1e-3 then 1e-5), at the rate and epochs chosen on validation data by
+    # benchmarks/tune_quick.py (results in benchmarks/results/tune_<dataset>.json).
+    "quick": Config(lr_later=3e-4, epochs=20),
     # The authors' CIFAR-100 protocol (csd-method.md): ResNet-32, 800 epochs a task, batch 128,
     # Adam 1e-3 then 1e-5, weight decay 5e-4, MultiStepLR 200/400/600, crop(4)+flip. We train on
     # all 50k training images (val_fraction 0) as they did, and never select on test.
@@ -101,6 +109,25 @@ PRESETS: dict[str, Config] = {
 }
 
 
+# The `quick` protocol's per-dataset choices (benchmarks/tune_quick.py, validation R@1 only).
+QUICK_TUNED: dict[str, dict] = {
+    "digits": {"lr_later": 3e-4, "epochs": 20},
+}
+
+
+def preset(name: str, dataset: str | None = None) -> Config:
+    """A preset's config, for `dataset` if given (quick: with that dataset's tuned values)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]
+    if dataset is None:
+        return cfg
+    cfg = cfg.replace(dataset=dataset)
+    if name == "quick":
+        cfg = cfg.replace(**QUICK_TUNED.get(dataset, {}))
+    return cfg
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,6 +135,29 @@ def resolve_device(device: str) -> torch.device:
         raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here; "
                            "use --device cpu (or auto)")
     return torch.device(device)
+
+
+def speed_options(cfg: Config, device: torch.device) -> tuple[bool, bool, str | None]:
+    """(bf16 autocast, channels_last, torch.compile mode or None) as they apply on `device`.
+
+    True means "on CUDA only", so the defaults leave a CPU run plain fp32 (bf16 changes the
+    numbers, and its speed on a CPU depends on the CPU having bf16 instructions); "always" turns
+    bf16 / channels_last on for any device; compile only ever acts on CUDA (on a CPU, inductor's
+    C++ compile time would outweigh any gain).
+    """
+    cuda = device.type == "cuda"
+    for name in ("bf16", "channels_last"):
+        if getattr(cfg, name) not in (True, False, "always"):
+            raise ValueError(f"{name} must be True (CUDA only), 'always' or False, "
+                             f"got {getattr(cfg, name)!r}")
+
+    def on(value: bool | str) -> bool:
+        return value == "always" or (value is True and cuda)
+
+    mode = None
+    if cfg.compile and cuda:
+        mode = "max-autotune-no-cudagraphs" if cfg.compile is True else str(cfg.compile)
+    return on(cfg.bf16), on(cfg.channels_last), mode
 
 
 def quiet_by_default() -> bool:
@@ -179,6 +229,35 @@ def loss_terms(
     return terms
 
 
+def batch_loss(
+    model: ResNet,
+    teacher: ResNet | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    method: str,
+    cfg: Config,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch: the student forward (with grad), the frozen teacher's forward (no grad) and the
+    method's loss terms. Returns (weighted loss, unweighted terms). x: normalised images
+    [B, 3, H, W], y: labels [B]; bf16: autocast the forwards to bf16 on x's device. This is the
+    function `train_task` compiles."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits, features = model(x)
+        t_logits = t_features = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits, t_features = teacher(x)
+    # Losses in fp32: normalisations and softmaxes at temperature 0.07 need the precision.
+    terms = loss_terms(method, cfg, logits.float(), features.float(), y,
+                       None if t_logits is None else t_logits.float(),
+                       None if t_features is None else t_features.float())
+    weights = {"ce": cfg.w_ce, "triplet": cfg.w_triplet, "kd": cfg.w_kd, "fd": cfg.w_fd,
+               "csd": cfg.w_csd}
+    loss = sum(weights[k] * v for k, v in terms.items())
+    return loss, terms  # type: ignore[return-value]
+
+
 def train_task(
     model: ResNet,
     teacher: ResNet | None,
@@ -199,17 +278,29 @@ def train_task(
     to the model's device once, as uint8; crops, flips and normalisation run there per batch.
     """
     device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    g = torch.Generator(device=device).manual_seed(seed)
+    bf16, channels_last, compile_mode = speed_options(cfg, device)
+    g = torch.Generator(device=device).manual_seed(seed)  # randperm and augment draw on-device
     images, labels = train.images.to(device), train.labels.to(device)
-    if cuda and cfg.channels_last:
+    if channels_last:
+        # NHWC weights for both nets: a teacher loaded from a checkpoint is NCHW, and a format
+        # mismatch would make every teacher conv convert its input.
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
+    # fused Adam on CUDA: one kernel updates every parameter (ResNet-32 has ~100 tensors).
+    # None elsewhere, not False: an explicit False would also switch off the foreach default.
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
+                                 fused=True if device.type == "cuda" else None)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), cfg.gamma)
-    weights = {"ce": cfg.w_ce, "triplet": cfg.w_triplet, "kd": cfg.w_kd, "fd": cfg.w_fd,
-               "csd": cfg.w_csd}
-    forward = torch.compile(model) if (cuda and cfg.compile) else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.bf16)
+    step_loss = batch_loss
+    if compile_mode is not None:
+        # Compiled once per task: grow() replaced the classifier's Parameter by a bigger one, so
+        # the last task's graphs no longer fit (one recompile per task, by design). reset() drops
+        # them, which also keeps a 10-task run under dynamo's recompile limit. dynamic=False:
+        # every batch has the same shape (drop_last), which CUDA graphs need anyway.
+        torch._dynamo.reset()
+        step_loss = torch.compile(batch_loss, mode=compile_mode, dynamic=False)
+    cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
     model.train()
     history = []
     n = len(images)
@@ -218,32 +309,26 @@ def train_task(
     n_batches = max(1, n // cfg.batch_size)
     for _ in progress_bar(range(epochs), quiet, desc=desc or "epochs"):
         order = torch.randperm(n, device=device, generator=g)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for b in range(n_batches):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             x = augment(images[idx], pad=cfg.crop_pad, flip=cfg.flip, generator=g)
             x = normalize(x, mean, std)
-            if cuda and cfg.channels_last:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[idx]
-            with autocast:
-                logits, features = forward(x)
-                t_logits = t_features = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits, t_features = teacher(x)
-            # Losses in fp32: normalisations and softmaxes at temperature 0.07 need the precision.
-            terms = loss_terms(method, cfg, logits.float(), features.float(), y,
-                               None if t_logits is None else t_logits.float(),
-                               None if t_features is None else t_features.float())
-            loss = sum(weights[k] * v for k, v in terms.items())
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: replay, not reuse
+            loss, terms = step_loss(model, teacher, x, labels[idx], method, cfg, bf16)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            # Sum on the device (no per-batch .item(): that would make the CPU wait for the GPU
+            # every batch). `0 + v` makes a new tensor: CUDA graphs reuse their output buffers.
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+                sums[k] = sums.get(k, 0) + v.detach()
         schedule.step()
-        history.append({k: v / n_batches for k, v in sums.items()})
+        means = (torch.stack(list(sums.values())) / n_batches).tolist()  # one sync per epoch
+        history.append(dict(zip(sums, means, strict=True)))
     return history
 
 
