@@ -266,11 +266,13 @@ class RetrievalExplorer:
                 f"<td>{'hit' if r['recall_at_1'] else 'miss'}</td><td>{ap}</td></tr>"
             )
         return (
+            "<style>.csd-summary-text td, .csd-summary-text th "
+            "{padding: 2px 10px; text-align: left}</style>"
             f'<div class="csd-summary-text" data-query="{q}" data-class="{y}" data-k="{k}">'
             f'<p>Query <b class="csd-query-index">{q}</b>: label {y}, class '
             f"<b>{e(self.class_names[y])}</b>. Gallery: the other {len(self.labels) - 1} "
             f"test images, by cosine similarity; the top {k} are shown.</p>"
-            "<table><tr><th>model</th><th>top-k: class ✓/✗ cosine</th><th>labels</th>"
+            "<table><tr><th>model</th><th>top-k: class ✓/✗ cosine</th><th>label ids</th>"
             "<th>R@1</th><th>AP</th></tr>" + "".join(rows) + "</table></div>"
         )
 
