@@ -177,15 +177,16 @@ def progress_bar(iterable, quiet: bool, **kwargs):
 
 @torch.no_grad()
 def extract(
-    model: ResNet, images: torch.Tensor, mean, std, batch_size: int = 512
+    model: ResNet, images: torch.Tensor, mean, std, batch_size: int = 512, quiet: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode features [N, 64] and logits [N, C] for uint8 images [N, 3, H, W], on the
-    model's device. The model's train/eval mode is restored afterwards."""
+    model's device. The model's train/eval mode is restored afterwards. quiet=False shows a
+    progress bar (worth it for big galleries)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     feats, logits = [], []
-    for i in range(0, len(images), batch_size):
+    for i in progress_bar(range(0, len(images), batch_size), quiet, desc="features"):
         x = normalize(images[i : i + batch_size].to(device), mean, std)
         z, f = model(x)
         feats.append(f.float())
@@ -476,7 +477,7 @@ def run(
     torch.manual_seed(cfg.seed)
     model = resnet(cfg.depth, len(steps[0])).to(device)
     teacher = None
-    for step, classes in enumerate(steps):
+    for step, classes in enumerate(progress_bar(steps, quiet, desc=f"{method}: tasks")):
         task = split.n_tasks - 1 if method == "joint" else step  # tasks seen after this step
         ckpt_path = out / f"task{step}.pt" if out is not None else None
         if ckpt_path is not None and ckpt_path.exists():

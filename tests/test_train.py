@@ -163,3 +163,16 @@ def test_tiny_task_smaller_than_a_batch_still_trains():
     hist = train_task(model, None, imgs, TINY, "finetune", (0.5,) * 3, (0.25,) * 3,
                       lr=1e-3, epochs=2, seed=0, quiet=True)
     assert len(hist) == 2 and set(hist[0]) == {"ce", "triplet"}
+
+
+def test_progress_bars_show_in_a_terminal_and_stay_silent_on_ci_or_quiet(monkeypatch, capsys):
+    from csdkit.train import progress_bar
+
+    monkeypatch.delenv("CI", raising=False)
+    list(progress_bar(range(3), quiet=False, desc="epochs"))
+    assert "epochs" in capsys.readouterr().err  # tqdm writes its bar to stderr
+    list(progress_bar(range(3), quiet=True, desc="epochs"))
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("CI", "true")
+    list(progress_bar(range(3), quiet=False, desc="epochs"))
+    assert capsys.readouterr().err == ""
