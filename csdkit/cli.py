@@ -111,9 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train every method over several seeds on the embedded "
                        "datasets; print mean ± std tables and paired differences; write "
                        "results.json, CSVs and figures under --out.")
-    d.add_argument("--dataset", nargs="+", default=["digits"], choices=["digits", "glyphs"],
-                   help="embedded dataset(s) to run (default: digits)")
-    d.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
+    d.add_argument("--dataset", nargs="+", default=["digits", "glyphs"],
+                   choices=["digits", "glyphs"], help="embedded dataset(s) (default: both)")
+    d.add_argument("--seeds", type=int, default=5, help="number of seeds 0..N-1 (default 5)")
     d.add_argument("--methods", nargs="+", default=DEMO_METHODS, choices=list(METHODS))
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     d.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),

@@ -112,6 +112,7 @@ PRESETS: dict[str, Config] = {
 # The `quick` protocol's per-dataset choices (benchmarks/tune_quick.py, validation R@1 only).
 QUICK_TUNED: dict[str, dict] = {
     "digits": {"lr_later": 3e-4, "epochs": 20},
+    "glyphs": {"lr_later": 1e-3, "epochs": 16},
 }
 
 
