@@ -10,14 +10,15 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from csdkit.data import DATASETS
 from csdkit.train import METHODS, PRESETS, Config, RunResult, prepare, preset, run
 
 DEMO_METHODS = ["finetune", "lwf", "fd", "csd", "csd_official", "joint"]
-DEMO_PAIRS = [("csd", "lwf"), ("csd", "fd"), ("csd", "finetune"), ("csd_official", "csd"),
-              ("lwf", "finetune"), ("fd", "lwf")]
+DEMO_PAIRS = [("csd", "lwf"), ("csd", "fd"), ("csd_official", "lwf"), ("csd_official", "fd"),
+              ("csd_official", "csd"), ("csd", "finetune"), ("lwf", "finetune"), ("fd", "lwf")]
 
 
 def demo_config(dataset: str) -> Config:
@@ -83,8 +84,9 @@ def demo(datasets: list[str], seeds: list[int], methods: list[str], out: Path, w
         rows = [report.run_row(r) for r in results] + reference_rows(cfg0, seeds)
         order = ["raw pixels", "untrained net", *methods]
         table = report.summary(rows, order)
-        paired = report.paired_differences(
-            rows, [p for p in DEMO_PAIRS if p[0] in methods and p[1] in methods])
+        pairs = [p for p in DEMO_PAIRS if p[0] in methods and p[1] in methods]
+        paired = pd.concat([report.paired_differences(rows, pairs, metric)
+                            for metric in ("final_R@1", "first_task_R@1", "forgetting")])
         folder = out / dataset
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "results.json").write_text(json.dumps(
@@ -98,7 +100,7 @@ def demo(datasets: list[str], seeds: list[int], methods: list[str], out: Path, w
               f"a task, {len(seeds)} seeds; mean ± std over seeds ({wall:.0f} s wall, "
               f"{workers} worker(s))")
         print(table.to_string())
-        print(f"\npaired per-seed differences of final R@1 (95% t-interval; beyond_noise = "
+        print(f"\npaired per-seed differences (95% t-interval over seeds; beyond_noise = "
               f"the interval excludes 0):\n{paired.to_string()}")
         print(f"\nwrote {folder}/ (results.json, summary.csv, paired.csv, *.png)")
 

@@ -83,12 +83,16 @@ def plot_task_matrices(results: list[RunResult], path: str | Path | None = None)
 
     methods = list(dict.fromkeys(r.method for r in results if r.method != "joint"))
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3), squeeze=False)
+    with warnings.catch_warnings():  # the upper triangle (unseen tasks) is all NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mats = {m: np.nanmean([np.asarray(r.recall, float) for r in results if r.method == m], 0)
+                for m in methods}
+    # one colour scale for all panels, stretched over the values present so differences show
+    vmin = np.floor(min(np.nanmin(R) for R in mats.values()) * 20) / 20
     for ax, m in zip(axes[0], methods, strict=True):
-        with warnings.catch_warnings():  # the upper triangle (unseen tasks) is all NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            R = np.nanmean([np.asarray(r.recall, float) for r in results if r.method == m], 0)
+        R = mats[m]
         T = R.shape[0]
-        sns.heatmap(R, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=T <= 6, fmt=".2f",
+        sns.heatmap(R, ax=ax, vmin=vmin, vmax=1, cmap="viridis", annot=T <= 6, fmt=".2f",
                     cbar=False, mask=np.isnan(R), square=True,
                     xticklabels=range(1, T + 1), yticklabels=range(1, T + 1))
         ax.set(title=m, xlabel="evaluated on task", ylabel="after training task")
