@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from csdkit import metrics  # noqa: E402
+from csdkit.train import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -140,10 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     slug = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
     out = a.out or RESULTS / f"retrieval-{slug}-{result['date']}{'-quick' if a.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"wrote {out}")
     return result
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from csdkit.data import CIFAR100_MEAN, CIFAR100_STD, augment, normalize  # noqa: E402
 from csdkit.models import ResNet, resnet  # noqa: E402
-from csdkit.train import Config, batch_loss, speed_options  # noqa: E402
+from csdkit.train import Config, batch_loss, speed_options, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -290,10 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     out = a.out or RESULTS / f"train-{slug}-{result['date']}{'-quick' if a.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"wrote {out}")
     return result
 

@@ -506,7 +506,7 @@ def run(
                 "metrics": json.dumps(m), "seconds": seconds,
             })
     if out is not None:
-        _write_json(out / "result.json", result.to_json())
+        write_json(out / "result.json", result.to_json())
     return result
 
 
@@ -536,7 +536,8 @@ def _resume(path: Path, key: dict, method: str, device: torch.device) -> tuple[R
     return model.to(device), meta
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temp file, then rename), creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=float))
