@@ -184,13 +184,18 @@ def _run_command(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     a = _parser().parse_args(argv)
-    if a.command == "demo":
-        if a.seeds < 2:
-            raise SystemExit("demo needs --seeds >= 2 to report a spread over seeds")
-        demo(a.dataset, list(range(a.seeds)), a.methods, a.out, max(1, a.workers), a.quiet,
-             epochs=a.epochs, n_tasks=a.tasks)
-    else:
-        _run_command(a)
+    try:
+        if a.command == "demo":
+            if a.seeds < 2:
+                raise ValueError("demo needs --seeds >= 2 to report a spread over seeds")
+            demo(a.dataset, list(range(a.seeds)), a.methods, a.out, max(1, a.workers), a.quiet,
+                 epochs=a.epochs, n_tasks=a.tasks)
+        else:
+            _run_command(a)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # A user's mistake (bad option, missing data, another run's folder): say what and how
+        # to fix it, without a traceback.
+        raise SystemExit(f"csdkit: error: {err}") from err
 
 
 if __name__ == "__main__":

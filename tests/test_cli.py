@@ -42,8 +42,13 @@ def test_run_trains_resumes_and_refuses_bad_input(tmp_path, capsys):
     main(args)  # everything is already trained: resumes, retrains nothing, same numbers
     assert json.loads((tmp_path / "r" / "result.json").read_text())["recall"] == first["recall"]
     assert "final R@1" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="do not divide 10 classes"):
+    with pytest.raises(SystemExit, match="csdkit: error: 3 tasks do not divide 10 classes"):
         main(["run", "--tasks", "3", "--out", str(tmp_path / "x"), "--quiet"])
+    with pytest.raises(SystemExit, match="imagefolder.*--data-path"):
+        main(["run", "--dataset", "imagefolder", "--out", str(tmp_path / "y"), "--quiet"])
+    with pytest.raises(SystemExit, match="another run.*Nothing was overwritten"):
+        main(["run", "--method", "lwf", "--tasks", "2", "--epochs", "2", "--out",
+              str(tmp_path / "r"), "--quiet"])
     with pytest.raises(SystemExit):
         main(["run", "--dataset", "mnist"])
 
