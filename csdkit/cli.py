@@ -36,16 +36,17 @@ def _demo_job(args: tuple[Config, str]) -> RunResult:
 
 
 def reference_rows(cfg: Config, seeds: list[int]) -> list[dict]:
-    """Two rows every reader should see: R@1 of raw pixels and of an untrained network."""
+    """Two rows every reader should see: R@1 of raw pixels and of an untrained network, on the
+    same test images as each seed's runs (the seed draws digits' train/test split)."""
     from csdkit.metrics import recall_at_k
     from csdkit.models import resnet
     from csdkit.train import extract
 
-    data, split = prepare(cfg)
-    test = data.test
-    first = test.of_classes(split.classes(0))
     rows = []
     for seed in seeds:
+        data, split = prepare(cfg.replace(seed=seed))
+        test = data.test
+        first = test.of_classes(split.classes(0))
         raw = test.images.flatten(1).float()
         raw_first = first.images.flatten(1).float()
         rows.append({"method": "raw pixels", "seed": seed,

@@ -60,3 +60,17 @@ def test_help_explains_every_option(capsys):
     for opt in ("--preset", "--method", "--dataset", "--tasks", "--first-task", "--increment",
                 "--class-order", "--epochs", "--device", "--out", "--data-root"):
         assert opt in text
+
+
+def test_reference_rows_use_each_seeds_own_test_split():
+    from csdkit.cli import demo_config, reference_rows
+    from csdkit.metrics import recall_at_k
+    from csdkit.train import prepare
+
+    cfg = demo_config("digits")
+    rows = reference_rows(cfg, [0, 1])
+    raw = {r["seed"]: r["final_R@1"] for r in rows if r["method"] == "raw pixels"}
+    for seed in (0, 1):
+        test = prepare(cfg.replace(seed=seed))[0].test  # the seed draws digits' test split
+        assert raw[seed] == recall_at_k(test.images.flatten(1).float(), test.labels)
+    assert raw[0] != raw[1]
