@@ -115,7 +115,6 @@ PRESETS: dict[str, Config] = {
 }
 
 
-
 def preset(name: str, dataset: str | None = None) -> Config:
     """A preset's config, for `dataset` if given (quick: with that dataset's tuned values)."""
     if name not in PRESETS:
