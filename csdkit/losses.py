@@ -33,8 +33,9 @@ __all__ = [
     "triplet_loss",
 ]
 
-#: Valid values of ``csd_loss(..., variant=...)``.
-CSD_VARIANTS: tuple[str, ...] = ("paper", "official")
+#: Valid values of ``csd_loss(..., variant=...)``: the paper's Eq. 8, the authors' code, and two
+#: ablations (see `csd_loss`).
+CSD_VARIANTS: tuple[str, ...] = ("paper", "official", "transposed", "student")
 
 
 # --------------------------------------------------------------------------- input checks
@@ -103,38 +104,68 @@ def csd_loss(
     temperature: float = 0.07,
     variant: str = "paper",
 ) -> Tensor:
-    r"""Contrastive Supervised Distillation: pull each student feature towards the teacher's
-    features of its class and away from the teacher's features of the other classes.
+    r"""Contrastive Supervised Distillation: align the student's features of a class with the
+    frozen teacher's features of that class, and push them away from the other classes'.
 
     Shapes:
         student_features: [B, D] (any scale; normalised here)
         teacher_features: [B, D] (any scale; normalised here; treated as a constant)
         labels:           [B]    integer class indices
-        returns:          []     scalar, mean over the B student anchors
+        returns:          []     scalar, mean over the B anchors
 
-    ``variant="paper"`` (the equation of the paper): anchors are the student features, the
-    contrast set is the batch's B teacher features, the positives of anchor i are
-    P(i) = {p : y_p = y_i}, which always contains p = i (the teacher's view of the same image)::
+    ``variant="paper"``: Eq. 8 of the paper, read literally. The **teacher** features are the
+    anchors and the batch's **student** features the contrast set; P(i) = {p : y_p = y_i}
+    includes p = i (the student's view of the anchor's own image), the denominator leaves a = i
+    out::
 
-        L_CSD = 1/B \sum_i  -1/|P(i)| \sum_{p \in P(i)}
-                  log( exp(s_i . t_p / tau) / \sum_{a=1..B} exp(s_i . t_a / tau) )
+        L_CSD = -1/B \sum_i 1/|P(i)| \sum_{p \in P(i)}
+                    log( exp(t_i . s_p / tau) / \sum_{a \ne i} exp(t_i . s_a / tau) )
 
-    ``variant="official"`` (what the authors' code computes): SupCon (Khosla et al. 2020,
-    HobbitLong's SupConLoss) on the two views [student, teacher] with ``contrast_mode="one"``.
+    Because the p = i term is not in its own denominator it is not a probability and can exceed
+    1 (its log is then positive); the paper's Fig. 2 walk-through reads it the same way. Two
+    things the paper leaves open, and what is done here:
+
+    - **No temperature is printed** (tau = 1 literally). tau is an argument; the default 0.07 is
+      the authors' code's value for their own form. On unit vectors tau = 1 confines every logit
+      to [-1, 1], so the loss can barely tell classes apart; which tau serves Eq. 8 is measured
+      by ``benchmarks/ablate_csd.py`` (README), not assumed.
+    - **Normalisation is not stated.** Both feature sets are L2-normalised here: without it the
+      loss is unbounded below (grow t_i . s_i) and retrieval ranks by cosine anyway.
+
+    ``variant="official"``: what the authors' code computes, SupCon (Khosla et al. 2020,
+    HobbitLong's SupConLoss) over the two views [student, teacher] with ``contrast_mode="one"``.
     Anchors are the student features; the contrast set is all 2B features c = [s_1..s_B,
-    t_1..t_B] minus the anchor itself; the positives P'(i) are the same-label members of that
-    set (t_i, plus the other same-label students and teachers)::
+    t_1..t_B] minus the anchor itself; the positives P'(i) are its same-label members (t_i, the
+    other same-label students and teachers)::
 
-        L = 1/B \sum_i  -1/|P'(i)| \sum_{j \in P'(i)}
-              log( exp(s_i . c_j / tau) / \sum_{k \ne i} exp(s_i . c_k / tau) )
+        L = -1/B \sum_i 1/|P'(i)| \sum_{j \in P'(i)}
+                log( exp(s_i . c_j / tau) / \sum_{k \ne i} exp(s_i . c_k / tau) )
 
-    This adds student-student terms that the paper's equation does not have. SupConLoss also
-    multiplies by ``temperature / base_temperature`` (base_temperature = 0.07); that factor is
-    omitted here. It equals 1 at the default tau = 0.07, so the values then coincide.
+    SupConLoss also multiplies by ``temperature / base_temperature`` (base 0.07); omitted here,
+    it is 1 at the default tau. This has student-student terms that Eq. 8 does not have.
+
+    Ablations (``benchmarks/ablate_csd.py``):
+
+    - ``"transposed"``: student anchors against the teacher contrast set (Eq. 8 with the roles
+      swapped, the denominator over every a). It is also exactly ``"official"`` with its
+      student-student terms removed::
+
+        L = -1/B \sum_i 1/|P(i)| \sum_{p \in P(i)}
+                log( exp(s_i . t_p / tau) / \sum_a exp(s_i . t_a / tau) )
+
+    - ``"student"``: SupCon on the student features alone, no teacher at all: the
+      student-student terms of ``"official"`` by themselves (anchors with no other same-label
+      student in the batch contribute 0; ``teacher_features`` is checked but not used)::
+
+        L = -1/B \sum_{i: |P''(i)| > 0} 1/|P''(i)| \sum_{p \in P''(i)}
+                log( exp(s_i . s_p / tau) / \sum_{a \ne i} exp(s_i . s_a / tau) )
+
+    with P''(i) = P(i) minus i itself.
 
     Raises:
-        ValueError: features not 2-D, student/teacher shapes differ, labels not [B], temperature
-            not positive, or an unknown ``variant`` (valid: ``CSD_VARIANTS``).
+        ValueError: features not 2-D, student/teacher shapes differ, labels not [B], a batch of
+            one sample (no contrast set), temperature not positive, or an unknown ``variant``
+            (valid: ``CSD_VARIANTS``).
     """
     if variant not in CSD_VARIANTS:
         raise ValueError(
@@ -143,32 +174,44 @@ def csd_loss(
     _check_pair("student_features", student_features, "teacher_features", teacher_features)
     _check_labels(labels, student_features.shape[0], "student_features")
     _check_positive("temperature", temperature)
+    batch = student_features.shape[0]
+    if batch < 2:
+        raise ValueError(
+            "csd_loss needs a batch of at least 2 samples: with one sample there is nothing to "
+            "contrast the anchor with (the denominator sums over the other samples)."
+        )
 
     # Cosine geometry: only directions matter, and unit vectors bound the logits to [-1/tau, 1/tau].
     s = F.normalize(student_features, dim=1)
     # The teacher is frozen: its features are targets, never optimised.
     t = F.normalize(teacher_features.detach(), dim=1)
     same_label = labels.view(-1, 1) == labels.view(1, -1)  # [B, B], diagonal True
+    eye = torch.eye(batch, dtype=torch.bool, device=s.device)
 
     if variant == "paper":
-        logits = s @ t.T / temperature  # [B, B]: anchor i (student) vs teacher a
-        # logsumexp subtracts the row max internally, so exp never overflows at small tau.
-        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-        pos = same_label.to(log_prob.dtype)  # |P(i)| >= 1: the same image's teacher feature
-        per_anchor = -(pos * log_prob).sum(dim=1) / pos.sum(dim=1)
-        return per_anchor.mean()
+        logits = t @ s.T / temperature  # [B, B]: row i = anchor t_i against every student s_a
+        # logsumexp over a != i (-inf drops a = i; it subtracts the row max, so no overflow).
+        log_denominator = torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1)
+        pos = same_label  # P(i) includes p = i, as Eq. 8 is printed
+    elif variant == "transposed":
+        logits = s @ t.T / temperature  # [B, B]: row i = anchor s_i against every teacher t_a
+        log_denominator = torch.logsumexp(logits, dim=1)
+        pos = same_label
+    elif variant == "student":
+        logits = s @ s.T / temperature  # [B, B]: anchor s_i against the other students
+        log_denominator = torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1)
+        pos = same_label & ~eye
+    else:  # "official": contrast set = [students; teachers], the anchor itself excluded.
+        logits = s @ torch.cat([s, t]).T / temperature  # [B, 2B]
+        self_mask = torch.cat([eye, torch.zeros_like(eye)], dim=1)
+        log_denominator = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
+        pos = same_label.repeat(1, 2) & ~self_mask  # always contains t_i
 
-    # variant == "official": contrast set = [students; teachers], anchor excluded.
-    batch = s.shape[0]
-    contrast = torch.cat([s, t], dim=0)  # [2B, D]
-    logits = s @ contrast.T / temperature  # [B, 2B]
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[:, :batch] = torch.eye(batch, dtype=torch.bool, device=logits.device)
-    # -inf (not a multiply-by-zero) removes the anchor from the denominator without nan grads.
-    log_denominator = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
     log_prob = logits - log_denominator.unsqueeze(1)
-    pos = (same_label.repeat(1, 2) & ~self_mask).to(log_prob.dtype)  # always contains t_i
-    per_anchor = -(pos * log_prob).sum(dim=1) / pos.sum(dim=1)
+    pos = pos.to(log_prob.dtype)
+    n_pos = pos.sum(dim=1)
+    # masked_fill, not pos * log_prob: the -inf diagonal of "student" would give 0 * -inf = nan.
+    per_anchor = -log_prob.masked_fill(pos == 0, 0.0).sum(dim=1) / n_pos.clamp_min(1)
     return per_anchor.mean()
 
 

@@ -58,8 +58,32 @@ def _dot(a: list[float], b: list[float]) -> float:
 # --------------------------------------------------------------------------- brute-force oracles
 
 
-def csd_paper_brute(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tau: float) -> float:
-    """L = mean_i -1/|P(i)| sum_{p in P(i)} log(exp(s_i.t_p/tau) / sum_a exp(s_i.t_a/tau))."""
+def csd_eq8_brute(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tau: float) -> float:
+    """Eq. 8 of the paper, term by term: anchors are the TEACHER features f'_i, the contrast set
+    the student features f_a with a != i, P(i) = {p : y_p = y_i} including p = i.
+
+        L = -1/|B| sum_i 1/|P(i)| sum_{p in P(i)}
+                log( exp(f'_i.f_p/tau) / sum_{a != i} exp(f'_i.f_a/tau) )
+    """
+    f, f_teacher, yl = _unit_rows(s), _unit_rows(t), y.tolist()
+    n = len(f)
+    total = 0.0
+    for i in range(n):
+        denominator = 0.0
+        for a in range(n):
+            if a != i:
+                denominator += math.exp(_dot(f_teacher[i], f[a]) / tau)
+        positives = [p for p in range(n) if yl[p] == yl[i]]  # p = i is one of them
+        acc = 0.0
+        for p in positives:
+            acc += math.log(math.exp(_dot(f_teacher[i], f[p]) / tau) / denominator)
+        total += acc / len(positives)
+    return -total / n
+
+
+def csd_transposed_brute(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tau: float) -> float:
+    """Student anchors:
+    mean_i -1/|P(i)| sum_{p in P(i)} log(exp(s_i.t_p/tau) / sum_a exp(s_i.t_a/tau))."""
     su, tu, yl = _unit_rows(s), _unit_rows(t), y.tolist()
     total = 0.0
     for i in range(len(su)):
@@ -70,6 +94,28 @@ def csd_paper_brute(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tau: floa
             acc += math.log(math.exp(_dot(su[i], tu[p]) / tau) / denom)
         total += -acc / len(positives)
     return total / len(su)
+
+
+def supcon_two_views_brute(
+    s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tau: float, student_terms: bool = True,
+    teacher_terms: bool = True,
+) -> float:
+    """SupCon with student anchors over the contrast set [other students] + [teachers]; either
+    part can be left out (the ablations). Anchors with no positive add 0 (mean over all B)."""
+    su, tu, yl = _unit_rows(s), _unit_rows(t), y.tolist()
+    b = len(su)
+    total = 0.0
+    for i in range(b):
+        contrast = []  # (feature, label) pairs
+        if student_terms:
+            contrast += [(su[k], yl[k]) for k in range(b) if k != i]
+        if teacher_terms:
+            contrast += [(tu[k], yl[k]) for k in range(b)]
+        denom = sum(math.exp(_dot(su[i], c) / tau) for c, _ in contrast)
+        pos = [c for c, label in contrast if label == yl[i]]
+        if pos:
+            total += -sum(math.log(math.exp(_dot(su[i], c) / tau) / denom) for c in pos) / len(pos)
+    return total / b
 
 
 def csd_official_brute(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tau: float) -> float:
@@ -192,43 +238,82 @@ class HobbitLongSupConLoss(nn.Module):
         return loss
 
 
-# --------------------------------------------------------------------------- CSD, paper form
+# ------------------------------------------------------------------------- CSD, paper form (Eq. 8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tau", [0.07, 0.5, 1.0])
+def test_csd_paper_is_eq8_by_brute_force(seed: int, tau: float) -> None:
+    s, t, y = _batch(seed)
+    got = csd_loss(s, t, y, temperature=tau, variant="paper")
+    assert got.dim() == 0
+    assert got.item() == pytest.approx(csd_eq8_brute(s, t, y, tau), rel=1e-10)
+
+
+def test_csd_paper_hand_worked_three_samples() -> None:
+    # tau = 1, labels [0, 0, 1]; students e1, e2, e3; teachers e2, e1, e3 (the first two swapped).
+    # Anchor t_0 = e2: dots with the students [0, 1, 0]; denominator over a != 0: e + 1;
+    #   P(0) = {0, 1}: -(log(1/(e+1)) + log(e/(e+1))) / 2 = log(e+1) - 1/2. Anchor t_1: the same.
+    # Anchor t_2 = e3: dots [0, 0, 1]; denominator over a != 2: 1 + 1 = 2; P(2) = {2}:
+    #   -log(e/2) = log 2 - 1 (negative: e/2 > 1, the p = i term is not a probability).
+    s = torch.eye(3, dtype=DTYPE)
+    t = s[[1, 0, 2]]
+    y = torch.tensor([0, 0, 1])
+    expected = (2 * (math.log(math.e + 1) - 0.5) + math.log(2) - 1) / 3
+    assert csd_loss(s, t, y, temperature=1.0).item() == pytest.approx(expected, rel=1e-12)
+    # The transpose (student anchors, denominator over all teachers) is another number:
+    # anchors s_0, s_1: log(e+2) - 1/2 each; s_2: log(e+2) - 1.
+    transposed = math.log(math.e + 2) - 2 / 3
+    got = csd_loss(s, t, y, temperature=1.0, variant="transposed").item()
+    assert got == pytest.approx(transposed, rel=1e-12)
+    assert abs(expected - transposed) > 0.1
+
+
+def test_csd_paper_hand_worked_identical_views() -> None:
+    # s = t = e1, e2, e3, labels [0, 0, 1], tau = 1: anchors 0 and 1 give log 2 - 1/2, anchor 2
+    # gives log 2 - 1, so L = log 2 - 2/3 (small but positive here).
+    e = torch.eye(3, dtype=DTYPE)
+    y = torch.tensor([0, 0, 1])
+    assert csd_loss(e, e, y, temperature=1.0).item() == pytest.approx(
+        math.log(2) - 2 / 3, rel=1e-12)
+
+
+def test_csd_paper_anchors_are_the_teacher() -> None:
+    # Swapping the roles of student and teacher changes Eq. 8 (it is not symmetric), and the
+    # swapped call is NOT the transposed variant either (that one keeps a = i in the denominator).
+    s, t, y = _batch(9)
+    paper = csd_loss(s, t, y, variant="paper").item()
+    assert abs(paper - csd_loss(t, s, y, variant="paper").item()) > 1e-3
+    assert csd_loss(t, s, y, variant="paper").item() == pytest.approx(
+        csd_eq8_brute(t, s, y, 0.07), rel=1e-10)
+
+
+# --------------------------------------------------------------------------- CSD, transposed form
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("tau", [0.07, 0.5])
-def test_csd_paper_matches_brute_force(seed: int, tau: float) -> None:
+def test_csd_transposed_matches_brute_force(seed: int, tau: float) -> None:
     s, t, y = _batch(seed)
-    got = csd_loss(s, t, y, temperature=tau, variant="paper")
-    assert got.dim() == 0
-    assert got.item() == pytest.approx(csd_paper_brute(s, t, y, tau), rel=1e-10)
+    got = csd_loss(s, t, y, temperature=tau, variant="transposed")
+    assert got.item() == pytest.approx(csd_transposed_brute(s, t, y, tau), rel=1e-10)
 
 
-def test_csd_paper_hand_worked_distinct_labels() -> None:
+def test_csd_transposed_hand_worked_distinct_labels() -> None:
     # s = t = orthonormal e1, e2; labels differ; tau = 1. Anchor 0: positive t_0 (dot 1),
     # denominator e^1 + e^0, so -log(e / (e + 1)) = log(1 + e) - 1; anchor 1 is symmetric.
     e = torch.eye(2, dtype=DTYPE)
     y = torch.tensor([0, 1])
     expected = math.log(1 + math.e) - 1
-    assert csd_loss(e, e, y, temperature=1.0).item() == pytest.approx(expected, rel=1e-12)
+    got = csd_loss(e, e, y, temperature=1.0, variant="transposed")
+    assert got.item() == pytest.approx(expected, rel=1e-12)
     # Swapped teacher: the positive t_i is orthogonal (dot 0) -> -log(1 / (1 + e)).
-    swapped = e.flip(0)
-    assert csd_loss(e, swapped, y, temperature=1.0).item() == pytest.approx(
-        math.log(1 + math.e), rel=1e-12
-    )
-
-
-def test_csd_paper_hand_worked_shared_label() -> None:
-    # Same labels: both teacher features are positives, each anchor averages
-    # log(e/(e+1)) and log(1/(e+1)) -> loss = log(e + 1) - 1/2.
-    e = torch.eye(2, dtype=DTYPE)
-    y = torch.tensor([3, 3])
-    expected = math.log(math.e + 1) - 0.5
-    assert csd_loss(e, e, y, temperature=1.0).item() == pytest.approx(expected, rel=1e-12)
+    swapped = csd_loss(e, e.flip(0), y, temperature=1.0, variant="transposed")
+    assert swapped.item() == pytest.approx(math.log(1 + math.e), rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_csd_paper_matches_pml_supcon_with_ref_emb(seed: int) -> None:
+def test_csd_transposed_matches_pml_supcon_with_ref_emb(seed: int) -> None:
     s, t, y = _batch(seed)
     tau = 0.1
     # PML keeps the (i, i) student-teacher pair as a positive ONLY if ref_labels is a different
@@ -236,12 +321,8 @@ def test_csd_paper_matches_pml_supcon_with_ref_emb(seed: int) -> None:
     # `ref_labels is labels` (an identity test, not a value test). Hence labels.clone().
     pml = pml_losses.SupConLoss(temperature=tau, reducer=pml_reducers.MeanReducer())
     expected = pml(s, y, ref_emb=t, ref_labels=y.clone())
-    got = csd_loss(s, t, y, temperature=tau, variant="paper")
+    got = csd_loss(s, t, y, temperature=tau, variant="transposed")
     assert got.item() == pytest.approx(expected.item(), rel=1e-10)
-    # The default AvgNonZeroReducer agrees too: every per-anchor loss is -mean(log p) with p < 1,
-    # hence strictly positive, so "mean over non-zero" is the plain mean.
-    default = pml_losses.SupConLoss(temperature=tau)(s, y, ref_emb=t, ref_labels=y.clone())
-    assert got.item() == pytest.approx(default.item(), rel=1e-10)
 
 
 def test_pml_identity_quirk_drops_own_teacher_when_labels_object_is_shared() -> None:
@@ -251,8 +332,41 @@ def test_pml_identity_quirk_drops_own_teacher_when_labels_object_is_shared() -> 
     tau = 0.1
     pml = pml_losses.SupConLoss(temperature=tau, reducer=pml_reducers.MeanReducer())
     shared = pml(s, y, ref_emb=t, ref_labels=y)
-    ours = csd_loss(s, t, y, temperature=tau, variant="paper")
+    ours = csd_loss(s, t, y, temperature=tau, variant="transposed")
     assert abs(shared.item() - ours.item()) > 1e-3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_transposed_is_official_without_student_student_terms(seed: int) -> None:
+    s, t, y = _batch(seed)
+    got = csd_loss(s, t, y, temperature=0.2, variant="transposed")
+    brute = supcon_two_views_brute(s, t, y, 0.2, student_terms=False)
+    assert got.item() == pytest.approx(brute, rel=1e-10)
+
+
+# --------------------------------------------------------------------------- CSD, student only
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_csd_student_is_supcon_without_teacher(seed: int) -> None:
+    s, t, y = _batch(seed, n_classes=5)  # some anchors have no positive: they add 0
+    tau = 0.1
+    got = csd_loss(s, t, y, temperature=tau, variant="student")
+    assert got.item() == pytest.approx(
+        supcon_two_views_brute(s, t, y, tau, teacher_terms=False), rel=1e-10)
+    pml = pml_losses.SupConLoss(temperature=tau, reducer=pml_reducers.MeanReducer())
+    assert got.item() == pytest.approx(pml(s, y).item(), rel=1e-10)
+    # the teacher features are not used
+    assert csd_loss(s, torch.randn_like(t), y, temperature=tau, variant="student").item() == \
+        pytest.approx(got.item(), rel=1e-12)
+
+
+def test_csd_student_is_zero_without_positives_and_still_differentiable() -> None:
+    s, t, _ = _batch(1, b=4)
+    x = s.clone().requires_grad_(True)
+    loss = csd_loss(x, t, torch.arange(4), variant="student")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(x.grad).all()
 
 
 # --------------------------------------------------------------------------- CSD, official form
@@ -264,6 +378,7 @@ def test_csd_official_matches_brute_force(seed: int, tau: float) -> None:
     s, t, y = _batch(seed)
     got = csd_loss(s, t, y, temperature=tau, variant="official")
     assert got.item() == pytest.approx(csd_official_brute(s, t, y, tau), rel=1e-10)
+    assert got.item() == pytest.approx(supcon_two_views_brute(s, t, y, tau), rel=1e-10)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -310,9 +425,8 @@ def test_csd_official_hand_worked() -> None:
 
 def test_csd_variants_differ_when_classes_repeat() -> None:
     s, t, y = _batch(4)
-    paper = csd_loss(s, t, y, variant="paper")
-    official = csd_loss(s, t, y, variant="official")
-    assert abs(paper.item() - official.item()) > 1e-3
+    values = [csd_loss(s, t, y, variant=v).item() for v in CSD_VARIANTS]
+    assert min(abs(a - b) for i, a in enumerate(values) for b in values[i + 1 :]) > 1e-3
 
 
 # --------------------------------------------------------------------------- CSD, properties
@@ -518,7 +632,8 @@ def test_feature_distillation_zero_for_same_directions_and_grad_only_to_student(
 
 def test_csd_rejects_unknown_variant() -> None:
     s, t, y = _batch(0)
-    with pytest.raises(ValueError, match=r"unknown CSD variant 'supcon'.*'paper', 'official'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown CSD variant 'supcon'.*'paper', 'official', 'transposed'"):
         csd_loss(s, t, y, variant="supcon")
 
 
@@ -544,6 +659,13 @@ def test_csd_rejects_bad_dimensions_and_temperature() -> None:
         csd_loss(s, t, y, temperature=0.0)
     with pytest.raises(ValueError, match=r"empty batch"):
         csd_loss(s[:0], t[:0], y[:0])
+
+
+@pytest.mark.parametrize("variant", CSD_VARIANTS)
+def test_csd_rejects_a_batch_of_one(variant: str) -> None:
+    s, t, y = _batch(0)
+    with pytest.raises(ValueError, match=r"at least 2 samples.*nothing to contrast"):
+        csd_loss(s[:1], t[:1], y[:1], variant=variant)
 
 
 def test_kd_rejects_bad_shapes_and_temperature() -> None:
