@@ -52,6 +52,12 @@ def _as_features(x: ArrayLike, name: str, device: torch.device | None = None) ->
         )
     if device is not None:
         x = x.to(device)
+    if not torch.isfinite(x).all():
+        # NaN features rank arbitrarily and would score near chance, looking like a bad model
+        raise ValueError(
+            f"{name} holds {int((~torch.isfinite(x)).sum())} NaN or inf values; retrieval "
+            "needs finite features (a model whose training diverged produces such features)"
+        )
     # float32 whatever came in: half precision is too coarse to order close cosines (and
     # slow on CPU), float64 doubles the memory of every [chunk, M] similarity block
     return F.normalize(x.float(), dim=1)
@@ -292,6 +298,18 @@ def mean_average_precision(
             "so mAP is undefined; check the labels, or that each class has >= 2 items"
         )
     return ap_sum / num_valid
+
+
+def chance_recall_at_1(labels: Any) -> float:
+    """R@1 of a random ranking, leave-one-out: the nearest neighbour of a query is then a
+    uniformly random other item, so chance = sum_c n_c (n_c - 1) / (N (N - 1)) for n_c items of
+    class c among N. Print it beside every R@1 a reader must judge (1/C for C balanced classes,
+    a little less). Also the chance level of cross-model retrieval on the same images."""
+    y = _to_numpy(labels)
+    if y.ndim != 1 or len(y) < 2:
+        raise ValueError(f"labels must be 1-D with at least 2 items, got shape {y.shape}")
+    n_c = np.unique(y, return_counts=True)[1].astype(np.float64)
+    return float((n_c * (n_c - 1)).sum() / (len(y) * (len(y) - 1)))
 
 
 # -----------------------------------------------------------------------------

@@ -420,6 +420,38 @@ def test_value_errors():
         recall_at_k(x[:0], y[:0])
 
 
+def test_chance_recall_matches_a_brute_force_average_over_random_rankings():
+    from csdkit.metrics import chance_recall_at_1
+
+    y = np.array([0, 0, 0, 1, 1, 2])
+    # by hand: (3*2 + 2*1 + 1*0) / (6*5) = 8/30
+    assert chance_recall_at_1(y) == pytest.approx(8 / 30)
+    # brute force: each query's nearest neighbour is one of the other items, each equally likely
+    exact = np.mean([np.mean([y[j] == y[i] for j in range(len(y)) if j != i])
+                     for i in range(len(y))])
+    assert chance_recall_at_1(y) == pytest.approx(exact)
+    # and what random features give, over many draws
+    rng = np.random.default_rng(0)
+    draws = [recall_at_k(rng.normal(size=(6, 4)), y) for _ in range(3000)]
+    assert np.mean(draws) == pytest.approx(8 / 30, abs=0.02)
+    with pytest.raises(ValueError, match="at least 2 items"):
+        chance_recall_at_1(y[:1])
+
+
+def test_non_finite_features_are_refused():
+    x, y = make_data(n=10)
+    bad = torch.as_tensor(x).clone()
+    bad[3, 1] = float("nan")
+    bad[5, 0] = float("inf")
+    for f in (recall_at_k, mean_average_precision):
+        with pytest.raises(ValueError, match="features holds 2 NaN or inf values"):
+            f(bad, y)
+        with pytest.raises(ValueError, match="gallery holds 2 NaN or inf values"):
+            f(x, y, gallery=bad, gallery_labels=y)
+    with pytest.raises(ValueError, match="query_features holds 2 NaN"):
+        retrieve(bad, x, k=1)
+
+
 def test_continual_value_errors():
     feats, y, task_of_label = _continual_data()
     with pytest.raises(ValueError, match=r"features_per_step\[1\] has 89 rows"):
