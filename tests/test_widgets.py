@@ -155,6 +155,22 @@ def test_correct_flags_recall_and_ap_match_the_metrics(explorer, data, q):
         assert r["ap"] == pytest.approx(oracle_ap(f, y, q), abs=1e-6)
 
 
+@pytest.mark.parametrize("q", [3, 11, 25])
+def test_margin_and_first_hit_rank_follow_the_brute_force_ranking(explorer, data, q):
+    _, labels, feats = data
+    explorer.query.value = q
+    y = labels.numpy()
+    for name, r in explorer.results.items():
+        f = feats[name] / np.linalg.norm(feats[name], axis=1, keepdims=True)
+        sim = f @ f[q]
+        same = (y == y[q]) & (np.arange(N) != q)
+        other = y != y[q]
+        assert r["margin"] == pytest.approx(sim[same].max() - sim[other].max(), abs=1e-5)
+        assert (r["margin"] > 0) == bool(r["recall_at_1"])
+        ranking = oracle_topk(feats[name], q, N - 1)
+        assert r["first_hit_rank"] == 1 + next(i for i, j in enumerate(ranking) if y[j] == y[q])
+
+
 def test_per_query_ap_averages_to_the_leave_one_out_map(explorer, data):
     _, labels, feats = data
     aps = []
