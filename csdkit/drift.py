@@ -1,21 +1,27 @@
-"""Feature drift in one 2-D map: where did the old classes go when the model learned new ones?
+"""Feature drift in one 2-D frame: where did the old classes go when the model learned new ones?
 
-The same test images are embedded twice, by the old model (end of an earlier task) and by the
-new one (end of a later task). One UMAP fit on the union of the two sets of features puts both
-in the same 2-D map, so an old class's centroid can be joined to its new centroid by an arrow:
-where the new model put the class that a gallery indexed by the old model expects in one place.
-UMAP keeps neighbourhoods, not distances, so the number to quote is `centroid_shift`, measured
-in feature space.
+The same test images are embedded by the old model (end of an earlier task) and by each new one
+(end of a later task, one per method: fine-tuning, LwF, FD, CSD, all continuing from that old
+model). `DriftMap` fits UMAP on the old model's features only and places each new model's
+features into that map with UMAP's `transform`, so the old points stay put and the maps of
+several methods share one frame: side by side, the same place means the same thing. An old
+class's centroid can then be joined to its new centroid by an arrow: where the new model put the
+class that a gallery indexed by the old model expects in one place.
+
+Read the arrows as directions, not lengths: UMAP keeps neighbourhoods, not distances, and
+`place` is approximate. The numbers to quote are computed in feature space, never on the map:
+`drift_ratio` (how far classes moved, in units of the distance between two classes of the old
+model) and `centroid_shift` (per class, the cosine distance between old and new mean direction).
 
 UMAP is compiled by numba the first time it runs in a process (tens of seconds on a laptop CPU).
 To pay that once per machine instead of once per kernel, call, before anything imports umap:
 
     from csdkit.drift import configure_numba_cache
     configure_numba_cache()          # NUMBA_CACHE_DIR = ~/.cache/csdkit/numba
-    import umap                      # only now (drift_embedding imports it for you)
+    import umap                      # only now (DriftMap imports it for you)
 
-`drift_embedding` also turns on numba's on-disk cache for umap's own jitted functions, most of
-which umap does not cache itself; without that, a warm NUMBA_CACHE_DIR only speeds up the import.
+`DriftMap` also turns on numba's on-disk cache for umap's own jitted functions, most of which
+umap does not cache itself; without that, a warm NUMBA_CACHE_DIR only speeds up the import.
 After upgrading umap or pynndescent, delete the folder (numba checks each cached function's own
 source file, not the files of the functions it calls).
 """
@@ -26,6 +32,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +107,7 @@ def _import_umap():
 
 
 # --------------------------------------------------------------------------------------------
-# one map for two models
+# one frame: fitted on the old model, new models placed into it
 
 
 def _as_2d_array(x: Any, name: str) -> np.ndarray:
@@ -129,34 +136,10 @@ def _check_pair(old_features: Any, new_features: Any) -> tuple[np.ndarray, np.nd
     return old, new
 
 
-def drift_embedding(
-    old_features: Any,
-    new_features: Any,
-    seed: int = 0,
-    n_neighbors: int = 15,
-    min_dist: float = 0.1,
-    n_epochs: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One UMAP map for the features of the same N images by two models.
-
-    old_features, new_features: [N, D] (numpy or torch), row i = image i. Both are
-    L2-normalised (retrieval compares directions) and stacked into one [2N, D] set, embedded by
-    a single UMAP fit with the cosine metric, so both models' points share one map.
-    Returns (old_2d [N, 2], new_2d [N, 2]) as float32.
-
-    Deterministic for a seed: random_state=seed makes UMAP run single-threaded (n_jobs=1).
-    n_neighbors is capped at 2N - 1. n_epochs=None is UMAP's default (500 below 10k points).
-    UMAP's warnings (e.g. a disconnected kNN graph) and numba's are silenced so that a notebook
-    cell running this writes nothing to stderr.
-    """
-    old, new = _check_pair(old_features, new_features)
-    n = len(old)
-    if n < 2:
-        raise ValueError(f"need at least 2 images per model, got {n}")
-    if n_neighbors < 2:
-        raise ValueError(f"n_neighbors must be >= 2, got {n_neighbors}")
-    x = np.concatenate([_l2_normalise(old), _l2_normalise(new)]).astype(np.float32)  # [2N, D]
-
+@contextmanager
+def _quiet_umap():
+    """Import umap (with `_import_umap`'s caching) and silence umap's, pynndescent's and numba's
+    warnings (e.g. a disconnected kNN graph), so that a notebook cell writes nothing to stderr."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"umap(\..*)?$")
         warnings.filterwarnings("ignore", module=r"pynndescent(\..*)?$")
@@ -165,21 +148,87 @@ def drift_embedding(
         from numba.core.errors import NumbaWarning
 
         warnings.simplefilter("ignore", NumbaWarning)
-        reducer = umap.UMAP(
-            n_neighbors=min(n_neighbors, 2 * n - 1),
-            min_dist=min_dist,
-            metric="cosine",
-            n_epochs=n_epochs,
-            random_state=seed,
-            n_jobs=1,  # what random_state implies anyway; saying it avoids umap's warning
-            verbose=False,  # no tqdm bars, no log lines
-        )
-        xy = reducer.fit_transform(x).astype(np.float32)
-    return xy[:n], xy[n:]
+        yield umap
+
+
+class DriftMap:
+    """A 2-D UMAP frame fitted on the old model's features, into which new models are placed.
+
+    old_features: [N, D] (numpy or torch), the old model's features of N images, L2-normalised
+    (retrieval compares directions) and fitted with the cosine metric. `old_2d` [N, 2] float32
+    is the fitted map. `place(new_features [N', D])` -> [N', 2] float32 puts the features of a
+    model that continues the old one into the same frame with UMAP's `transform`, without
+    moving `old_2d`, so several methods trained from the same old model share one frame.
+
+    Deterministic for a seed: random_state=seed (which makes UMAP single-threaded, n_jobs=1)
+    for the fit and transform_seed=seed for `place`. n_neighbors is capped at N - 1.
+    n_epochs=None is UMAP's default (below 10k points 500, and 100 for `place`); a given
+    n_epochs makes `place` run a third of it.
+    Fit and `place` are silent: no warnings, nothing on stderr.
+
+    `place` is approximate: features equal to the old ones land near their fitted positions,
+    not on them (except an array identical to the fitted one, which UMAP recognises and answers
+    with `old_2d`), so short arrows are placement noise, not drift.
+    """
+
+    def __init__(
+        self,
+        old_features: Any,
+        seed: int = 0,
+        n_neighbors: int = 15,
+        min_dist: float = 0.1,
+        n_epochs: int | None = None,
+    ) -> None:
+        old = _as_2d_array(old_features, "old_features")
+        if len(old) < 4:  # with fewer points UMAP's spectral initialisation fails
+            raise ValueError(f"need at least 4 images, got {len(old)}")
+        if n_neighbors < 2:
+            raise ValueError(f"n_neighbors must be >= 2, got {n_neighbors}")
+        self.dim = old.shape[1]
+        with _quiet_umap() as umap:
+            self._reducer = umap.UMAP(
+                n_neighbors=min(n_neighbors, len(old) - 1),
+                min_dist=min_dist,
+                metric="cosine",
+                n_epochs=n_epochs,
+                random_state=seed,
+                transform_seed=seed,
+                n_jobs=1,  # what random_state implies anyway; saying it avoids umap's warning
+                verbose=False,  # no tqdm bars, no log lines
+            )
+            xy = self._reducer.fit_transform(_l2_normalise(old).astype(np.float32))
+        self.old_2d = xy.astype(np.float32)  # a copy: the reducer keeps its own
+
+    def place(self, new_features: Any) -> np.ndarray:
+        """[N', D] features of a new model -> [N', 2] float32 positions in this frame."""
+        new = _as_2d_array(new_features, "new_features")
+        if new.shape[1] != self.dim or len(new) == 0:
+            raise ValueError(
+                f"new_features must be [N', {self.dim}] with N' >= 1 (the dimension the map "
+                f"was fitted on), got shape {new.shape}"
+            )
+        with _quiet_umap():
+            xy = self._reducer.transform(_l2_normalise(new).astype(np.float32))
+        return xy.astype(np.float32)  # a copy: for the fitted array umap returns its own
 
 
 # --------------------------------------------------------------------------------------------
-# the number: how far each class moved, in feature space
+# the numbers: how far classes moved, in feature space
+
+
+def _pick_classes(labels: np.ndarray, classes: Iterable[int] | None) -> np.ndarray:
+    present = np.unique(labels)
+    classes = present if classes is None else np.asarray(list(classes))
+    missing = sorted(set(classes.tolist()) - set(present.tolist()))
+    if missing:
+        raise ValueError(f"classes {missing[:5]} have no image in labels")
+    return classes
+
+
+def _centroids(x: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """[C, D]: per class, the mean of its images' L2-normalised features (not re-normalised)."""
+    x = _l2_normalise(x)
+    return np.stack([x[labels == c].mean(0) for c in classes.tolist()])
 
 
 def centroid_shift(
@@ -195,18 +244,45 @@ def centroid_shift(
     """
     old, new = _check_pair(old_features, new_features)
     labels = _labels_of(labels, len(old))
-    present = np.unique(labels)
-    classes = present if classes is None else np.asarray(list(classes))
-    missing = sorted(set(classes.tolist()) - set(present.tolist()))
-    if missing:
-        raise ValueError(f"classes {missing[:5]} have no image in labels")
-    old, new = _l2_normalise(old), _l2_normalise(new)
+    classes = _pick_classes(labels, classes)
     out = {}
-    for c in classes.tolist():
-        m_old, m_new = old[labels == c].mean(0), new[labels == c].mean(0)
+    for c, m_old, m_new in zip(classes.tolist(), _centroids(old, labels, classes),
+                               _centroids(new, labels, classes), strict=True):
         cos = m_old @ m_new / max(np.linalg.norm(m_old) * np.linalg.norm(m_new), 1e-12)
         out[int(c)] = float(1.0 - cos)
     return out
+
+
+def drift_ratio(
+    old_features: Any, new_features: Any, labels: Any, classes: Iterable[int] | None = None
+) -> float:
+    """How far classes moved, in units of how far apart classes are: 0 nothing moved, 1 a class
+    moved as far as two classes are apart.
+
+    old_features, new_features: [N, D], the same N images under the old and the new model;
+    labels [N]. For each class c, m_old(c) and m_new(c) are the means of its images'
+    L2-normalised features; shift(c) = ||m_new(c) - m_old(c)||; gap = the mean over pairs of
+    classes of ||m_old(c) - m_old(c')||, the typical distance between two class centroids of the
+    old model. Returns mean shift / gap as a float. classes: which classes both means run over
+    (default: all in labels; pass the old classes to ask how far what the old model knew moved).
+
+    Only meaningful because the new model continues the old one, so that both share one feature
+    space; two independently trained models would score high however good each is. Computed in
+    feature space, never on the 2-D map, whose distances UMAP does not preserve.
+    """
+    old, new = _check_pair(old_features, new_features)
+    labels = _labels_of(labels, len(old))
+    classes = _pick_classes(labels, classes)
+    if len(classes) < 2:
+        raise ValueError(f"need at least 2 classes for the distance between classes, got "
+                         f"{len(classes)}")
+    m_old, m_new = _centroids(old, labels, classes), _centroids(new, labels, classes)
+    shift = np.linalg.norm(m_new - m_old, axis=1).mean()
+    i, j = np.triu_indices(len(classes), k=1)  # each unordered pair once
+    gap = np.linalg.norm(m_old[i] - m_old[j], axis=1).mean()
+    if gap < 1e-12:
+        raise ValueError("all class centroids coincide in the old model: no scale to judge by")
+    return float(shift / gap)
 
 
 def _labels_of(labels: Any, n: int) -> np.ndarray:
@@ -245,18 +321,21 @@ def plot_drift(
     seed: int = 0,
     title: str | None = "feature drift: old model (hollow) → new model (filled)",
 ):
-    """Scatter both models' points in one map and draw how the old classes moved.
+    """Scatter both models' points in one frame and draw how the old classes moved.
 
-    old_2d, new_2d [N, 2] from `drift_embedding`; labels [N]; old_classes: the classes learned
-    before the new model's task (coloured; the new task's classes are grey). Old-model points
-    are hollow, new-model points filled. arrows: "centroids" (old class centroid -> the same
-    class's new centroid, in the map), "samples" (image by image, for at most
-    `max_sample_arrows` old-class images drawn with `seed`), "both", or None. Class names are
-    written at the new centroids when there are at most 20 old classes. Returns the Axes.
+    old_2d, new_2d [N, 2] in the same frame: `m = DriftMap(old_features)`, `m.old_2d` (the map
+    fitted on the old model) and `m.place(new_features)` (the new model's points placed into it
+    with UMAP's transform); to compare methods, call this once per axis with the same `m`.
+    labels [N]; old_classes: the classes learned before the new model's task (coloured; the
+    new task's classes are grey). Old-model points are hollow, new-model points filled. arrows:
+    "centroids" (old class centroid -> the same class's new centroid, in the map), "samples"
+    (image by image, for at most `max_sample_arrows` old-class images drawn with `seed`),
+    "both", or None. Class names are written at the new centroids when there are at most 20
+    old classes. Returns the Axes.
 
-    Read the arrows as directions, not lengths: UMAP keeps neighbourhoods, not distances, so a
-    class that moved by more than its own spread becomes a separate island however far it
-    moved. The number to compare methods with is `centroid_shift`.
+    Read the arrows as directions, not lengths: UMAP keeps neighbourhoods, not distances, and
+    a placed point lands among its nearest old-model points however far away they are. The
+    numbers to compare methods with are `drift_ratio` and `centroid_shift`.
     """
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
