@@ -313,13 +313,32 @@ def test_digits_val_is_stratified(val_fraction):
         assert abs(n_test[c].item() - 0.25 * n_all[c].item()) <= 1
 
 
-def test_digits_deterministic_per_seed():
+def test_digits_deterministic_per_seed_and_the_test_split_never_moves():
     a, b, c = (load_dataset("digits", seed=s) for s in (5, 5, 6))
     for part in ("train", "val", "test"):
-        sa, sb, sc = getattr(a, part), getattr(b, part), getattr(c, part)
+        sa, sb = getattr(a, part), getattr(b, part)
         assert torch.equal(sa.images, sb.images) and torch.equal(sa.labels, sb.labels)
-        assert not (sa.images.shape == sc.images.shape and torch.equal(sa.images, sc.images))
+    # the seed draws the validation split out of the training images...
+    assert not torch.equal(a.val.images, c.val.images)
+    # ...and nothing else: the test images are the same for every seed, so no seed's test
+    # image was ever another seed's validation (tuning) image
+    assert torch.equal(a.test.images, c.test.images) and torch.equal(a.test.labels, c.test.labels)
+    tuned = set(_multiset(load_dataset("digits", seed=100).val))
+    for seed in range(5):
+        assert not tuned & set(_multiset(load_dataset("digits", seed=seed).test))
     assert a.mean == b.mean
+
+
+def test_dataset_digest_changes_with_any_image_label_or_order():
+    a = load_dataset("digits", seed=0)
+    assert a.digest() == load_dataset("digits", seed=0).digest()
+    assert a.digest() != load_dataset("digits", seed=1).digest()  # another validation split
+    assert a.relabel(list(range(10))).digest() == a.digest()
+    assert a.relabel([1, 0, *range(2, 10)]).digest() != a.digest()
+    b = load_dataset("digits", seed=0)
+    b.test.images[3, 0, 0, 0] ^= 1  # one pixel of one test image
+    b.info.pop("digest", None)
+    assert b.digest() != a.digest()
 
 
 def test_digits_image_size_32_matches_torchvision_resize():
