@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from csdkit import metrics  # noqa: E402
-from csdkit.train import write_json  # noqa: E402
+from csdkit.train import refuse_existing, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
         return row
     devices = a.devices.split(",") if a.devices else ["cpu"] + (
         ["cuda"] if torch.cuda.is_available() else [])
+    device = torch.cuda.get_device_name() if "cuda" in devices else "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    date = datetime.date.today().isoformat()
+    out = a.out or RESULTS / f"retrieval-{slug}-{date}{'-quick' if a.quick else ''}.json"
+    refuse_existing(out)
     sizes = [int(s) for s in a.sizes.split(",")]
     map_sizes = [int(s) for s in (a.map_sizes or a.sizes).split(",")]
     jobs = [(d, n, "recall@1") for d in devices for n in sizes]
@@ -127,11 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"= {row['peak_over_block']:.1f} x chunk block ({a.chunk_size} x N x 4 B); "
               f"full N x N would be {row['full_matrix_bytes'] / 2**30:.1f} GiB", flush=True)
     result = {
-        "device": torch.cuda.get_device_name() if "cuda" in devices else "cpu",
+        "device": device,
         "devices": devices,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
+        "date": date,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "setting": f"leave-one-out, {a.dim}-d random features, {a.classes} classes, "
@@ -139,8 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
         "subprocess_per_row": not a.in_process,
         "rows": rows,
     }
-    slug = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
-    out = a.out or RESULTS / f"retrieval-{slug}-{result['date']}{'-quick' if a.quick else ''}.json"
     write_json(out, result)
     print(f"wrote {out}")
     return result

@@ -33,9 +33,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from csdkit.data import CIFAR100_MEAN, CIFAR100_STD, augment, normalize  # noqa: E402
+from csdkit.data import (  # noqa: E402
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    augment,
+    channel_stats,
+    normalize,
+)
 from csdkit.models import ResNet, resnet  # noqa: E402
-from csdkit.train import Config, batch_loss, speed_options, write_json  # noqa: E402
+from csdkit.train import (  # noqa: E402
+    Config,
+    batch_loss,
+    cpu_name,
+    refuse_existing,
+    speed_options,
+    write_json,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -83,13 +96,13 @@ def csdkit_batches(
 ) -> Batches:
     """The lines of csdkit.train.train_task's loop that make a batch."""
     g = torch.Generator(device=images.device).manual_seed(0)
+    mean, std = channel_stats(CIFAR100_MEAN, CIFAR100_STD, images.device)  # once, as train_task
     n = len(images)
     while True:
         order = torch.randperm(n, device=images.device, generator=g)
         for b in range(n // batch):
             idx = order[b * batch : (b + 1) * batch]
-            x = normalize(augment(images[idx], pad=4, flip=True, generator=g),
-                          CIFAR100_MEAN, CIFAR100_STD)
+            x = normalize(augment(images[idx], pad=4, flip=True, generator=g), mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, labels[idx]
@@ -164,16 +177,6 @@ def measure(
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=50, help="timed steps per row (default 50)")
@@ -210,6 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           "cpu" if a.device == "auto" else a.device)
     cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    date = datetime.date.today().isoformat()
+    out = a.out or RESULTS / f"train-{slug}-{date}{'-quick' if a.quick else ''}.json"
+    refuse_existing(out)
     sizes = [int(b) for b in a.batch_sizes.split(",")]
     cfg = Config(dataset="cifar100", depth=a.depth, bf16=a.bf16, channels_last=a.channels_last,
                  compile=a.compile_mode if a.compile else False)
@@ -248,7 +256,6 @@ def main(argv: list[str] | None = None) -> dict:
         base, fast = (next(r for r in rows if r["pipeline"] == p and r["batch_size"] == batch)
                       for p in ("baseline", "csdkit"))
         speedups[str(batch)] = fast["images_per_s"] / base["images_per_s"]
-    name = torch.cuda.get_device_name(device) if cuda else "cpu"
     result = {
         "device": name,
         "cpu": cpu_name(),
@@ -259,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "worker processes use 1 torch thread each (PyTorch's default)"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
+        "date": date,
         "model": f"ResNet-{a.depth}, 100-class student, 50-class frozen teacher (task 2 of 2)",
         "loss": "CE + triplet + KD + CSD (csdkit.train.batch_loss, method csd)",
         "data": f"{a.images} random uint8 32x32x3 images, labels 50..99",
@@ -287,8 +294,6 @@ def main(argv: list[str] | None = None) -> dict:
               f"| {speedups[str(batch)]:.2f}x "
               f"| {b['data_ms_per_step']:.1f} / {f['data_ms_per_step']:.1f} |")
 
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    out = a.out or RESULTS / f"train-{slug}-{result['date']}{'-quick' if a.quick else ''}.json"
     write_json(out, result)
     print(f"wrote {out}")
     return result

@@ -6,12 +6,16 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from csdkit.train import RunResult
+from csdkit.train import Config, RunResult, run_grid
 
 METRICS = {
-    "final_R@1": "R@1 on all classes after the last task",
-    "first_task_R@1": "R@1 on the first task's classes after the last task",
+    "task_avg_R@1": "the paper's Average: mean over tasks of R@1 within each task's classes, "
+                    "after the last task",
+    "pooled_R@1": "R@1 pooled over all classes' test images after the last task",
+    "first_task_R@1": "R@1 within the first task's classes after the last task",
+    "first_task_drop": "first-task R@1 after task 1 minus after the last task",
     "forgetting": "mean over old tasks of (best R@1 on it) - (final R@1 on it)",
     "old_acc": "classification accuracy on the old classes after the last task",
     "final_mAP": "mAP on all classes after the last task",
@@ -19,20 +23,63 @@ METRICS = {
 
 
 def run_row(r: RunResult) -> dict:
-    """The scalar numbers of one run."""
+    """The scalar numbers of one run (METRICS, plus method, seed and training seconds)."""
     from csdkit.metrics import forgetting
 
     R = np.asarray(r.recall, dtype=float)
+    continual = len(R) > 1  # joint has one row: nothing to forget
     return {
         "method": r.method,
-        "seed": r.config["seed"],
-        "final_R@1": r.seen_recall[-1],
-        "first_task_R@1": R[-1, 0],
-        "forgetting": float(np.mean(forgetting(R))) if len(R) > 1 else float("nan"),
+        "seed": r.identity["seed"],
+        "task_avg_R@1": r.task_average_recall,
+        "pooled_R@1": r.final_recall,
+        "first_task_R@1": r.first_task_recall,
+        "first_task_drop": R[0, 0] - R[-1, 0] if continual else float("nan"),
+        "forgetting": float(np.mean(forgetting(R))) if continual else float("nan"),
         "old_acc": r.old_accuracy[-1],
         "final_mAP": r.seen_map[-1],
         "seconds": float(sum(r.seconds)),
     }
+
+
+def compare(base: Config, arms: dict[str, tuple[str, dict]], seeds: list[int],
+            runs_folder: str | Path, workers: int = 2) -> tuple[list[RunResult], list[dict]]:
+    """Train every arm for every seed (cached in `runs_folder`, see csdkit.train.run_grid) and
+    return the results and one row per run (run_row, its "method" being the arm's label).
+
+    arms: label -> (method, config changes), e.g. {"csd tau=1": ("csd", {"csd_temperature":
+    1.0})}. Seed s runs base.replace(seed=s, **changes): same seed, same data split, class
+    order and first task for every arm, which is what makes paired differences paired."""
+    jobs = [(base.replace(seed=s, **changes), method) for method, changes in arms.values()
+            for s in seeds]
+    results = run_grid(jobs, runs_folder, workers)
+    labels = [label for label in arms for _ in seeds]
+    return results, [{**run_row(r), "method": label}
+                     for label, r in zip(labels, results, strict=True)]
+
+
+def reference_rows(cfg: Config, seeds: list[int]) -> list[dict]:
+    """Two rows a reader should see beside trained models: raw pixels (cosine R@1 on the
+    pixels) and an untrained network (random ResNet features), on each seed's test images,
+    task split and class order."""
+    from csdkit.metrics import recall_at_k
+    from csdkit.models import resnet
+    from csdkit.train import extract, prepare
+
+    rows = []
+    for seed in seeds:
+        data, split = prepare(cfg.replace(seed=seed))
+        torch.manual_seed(seed)
+        net = resnet(cfg.depth, data.n_classes)
+        for name, feats in [("raw pixels", data.test.images.flatten(1).float()),
+                            ("untrained net", extract(net, data.test.images, data.mean,
+                                                      data.std)[0])]:
+            y = data.test.labels
+            task = torch.as_tensor(split.task_of_label())[y]
+            per_task = [recall_at_k(feats[task == j], y[task == j]) for j in range(split.n_tasks)]
+            rows.append({"method": name, "seed": seed, "task_avg_R@1": float(np.mean(per_task)),
+                         "pooled_R@1": recall_at_k(feats, y), "first_task_R@1": per_task[0]})
+    return rows
 
 
 def summary(rows: list[dict], order: list[str] | None = None):
@@ -46,19 +93,34 @@ def summary(rows: list[dict], order: list[str] | None = None):
         d = df[df["method"] == m]
         line = {"method": m, "seeds": len(d)}
         for k in [*METRICS, "seconds"]:
-            v = d[k].astype(float)
+            v = d[k].astype(float) if k in d else pd.Series([np.nan])
             line[k] = "n/a" if v.isna().all() else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if \
                 len(v) > 1 else f"{v.mean():.3f}"
         out.append(line)
     return pd.DataFrame(out).set_index("method")
 
 
-def paired_differences(rows: list[dict], pairs: list[tuple[str, str]], metric: str = "final_R@1",
-                       confidence: float = 0.95):
-    """Per-seed differences a - b of `metric` with a t-interval. A difference is beyond seed
-    noise when the interval excludes 0. Returns a DataFrame (one line per pair)."""
-    import pandas as pd
+def _t_interval(d: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Student-t interval of the mean of d (NaN with fewer than 2 values)."""
     from scipy import stats
+
+    if len(d) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return d.mean() - half, d.mean() + half
+
+
+def paired_differences(rows: list[dict], pairs: list[tuple[str, str]], metric: str = "pooled_R@1",
+                       confidence: float = 0.95, family: int = 1):
+    """Per-seed differences a - b of `metric` with a t-interval over seeds (same seed = same
+    data split, class order and first task, so the pairs share their noise).
+
+    `beyond_noise`: the `confidence` interval excludes 0. Among many intervals some exclude 0 by
+    chance alone (about 1 in 20 at 95% when nothing differs), so `beyond_noise_all` applies the
+    Bonferroni correction for a `family` of that many intervals (confidence 1 - 0.05/family):
+    a difference marked there holds even when all the family's intervals are read together.
+    Returns a DataFrame, one line per pair."""
+    import pandas as pd
 
     df = pd.DataFrame(rows)
     out = []
@@ -67,43 +129,49 @@ def paired_differences(rows: list[dict], pairs: list[tuple[str, str]], metric: s
         db = df[df.method == b].set_index("seed")[metric]
         d = (da - db).dropna()
         n = len(d)
-        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / np.sqrt(n) if n > 1 \
-            else float("nan")
-        lo, hi = d.mean() - half, d.mean() + half
+        lo, hi = _t_interval(d.to_numpy(), confidence)
+        lo_all, hi_all = _t_interval(d.to_numpy(), 1 - (1 - confidence) / family)
         out.append({"difference": f"{a} - {b}", "metric": metric, "seeds": n,
                     "mean": round(d.mean(), 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
-                    "beyond_noise": bool(n > 1 and (lo > 0 or hi < 0))})
+                    "beyond_noise": bool(lo > 0 or hi < 0),
+                    "beyond_noise_all": bool(lo_all > 0 or hi_all < 0)})
     return pd.DataFrame(out).set_index("difference")
 
 
+#: The colour scale of every task-matrix heatmap in the kit, so pictures compare across runs.
+RECALL_SCALE = (0.0, 1.0)
+
+
 def plot_task_matrices(results: list[RunResult], path: str | Path | None = None):
-    """One heatmap per method: R[t][j] averaged over seeds."""
+    """One heatmap per method: R[t][j] (R@1 within task j's classes after training task t),
+    the mean over seeds, on the fixed RECALL_SCALE with a colour bar."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     methods = list(dict.fromkeys(r.method for r in results if r.method != "joint"))
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3), squeeze=False)
-    with warnings.catch_warnings():  # the upper triangle (unseen tasks) is all NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mats = {m: np.nanmean([np.asarray(r.recall, float) for r in results if r.method == m], 0)
-                for m in methods}
-    # one colour scale for all panels, stretched over the values present so differences show
-    vmin = np.floor(min(np.nanmin(R) for R in mats.values()) * 20) / 20
-    for ax, m in zip(axes[0], methods, strict=True):
-        R = mats[m]
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.9 * len(methods) + 0.8, 3),
+                             squeeze=False, layout="constrained")
+    for i, (ax, m) in enumerate(zip(axes[0], methods, strict=True)):
+        runs = [np.asarray(r.recall, float) for r in results if r.method == m]
+        with warnings.catch_warnings():  # the upper triangle (unseen tasks) is all NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            R = np.nanmean(runs, 0)
         T = R.shape[0]
-        sns.heatmap(R, ax=ax, vmin=vmin, vmax=1, cmap="viridis", annot=T <= 6, fmt=".2f",
-                    cbar=False, mask=np.isnan(R), square=True,
+        last = i == len(methods) - 1
+        sns.heatmap(R, ax=ax, vmin=RECALL_SCALE[0], vmax=RECALL_SCALE[1], cmap="viridis",
+                    annot=T <= 6, fmt=".2f", mask=np.isnan(R), square=True, cbar=last,
+                    cbar_kws={"label": "R@1 within the task"} if last else None,
                     xticklabels=range(1, T + 1), yticklabels=range(1, T + 1))
-        ax.set(title=m, xlabel="evaluated on task", ylabel="after training task")
-    fig.tight_layout()
+        seeds = f"mean of {len(runs)} seeds" if len(runs) > 1 else "1 seed"
+        ax.set(title=f"{m} ({seeds})", xlabel="evaluated on task", ylabel="after training task")
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
 
 
 def plot_recall_curves(results: list[RunResult], path: str | Path | None = None):
-    """R@1 over all seen classes after each task, mean and 95% band over seeds."""
+    """R@1 pooled over all seen classes after each task: the mean over seeds, and a band that is
+    seaborn's 95% bootstrap interval of that mean (not the paired t-interval of the tables)."""
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
@@ -119,7 +187,8 @@ def plot_recall_curves(results: list[RunResult], path: str | Path | None = None)
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     sns.lineplot(pd.DataFrame(long), x="task", y="R@1", hue="method", marker="o",
                  errorbar=("ci", 95), ax=ax)
-    ax.set(xlabel="after training task", ylabel="R@1 on all seen classes")
+    ax.set(xlabel="after training task", ylabel="R@1 on all seen classes",
+           title="mean over seeds; band: 95% bootstrap interval")
     ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     if path is not None:

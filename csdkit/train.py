@@ -5,9 +5,13 @@ The objective for task t (Barletti et al. 2021; see csdkit.losses for each term)
     finetune      L = CE + Triplet                       (the lower bound)
     lwf           L = CE + Triplet + KD                   (Learning without Forgetting)
     fd            L = CE + Triplet + KD + FD              (+ L2 feature distillation)
-    csd           L = CE + Triplet + KD + CSD             (paper form of the CSD loss)
+    csd           L = CE + Triplet + KD + CSD             (the paper's Eq. 8: teacher anchors)
     csd_official  L = CE + Triplet + KD + CSD(official)   (the authors' SupCon-over-two-views form)
     joint         L = CE + Triplet on all classes at once (the upper bound)
+
+and two ablations of CSD (benchmarks/ablate_csd.py): csd_transposed (student anchors against the
+teacher's features: csd_official without its student-student terms) and csd_student (those
+student-student terms alone: SupCon on the student, no teacher features).
 
 The distillation terms need a teacher: the model as it was at the end of the previous task,
 frozen: a copy in eval mode (BatchNorm uses its running statistics and never updates them) run
@@ -21,8 +25,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
+import math
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from csdkit import losses, metrics
-from csdkit.data import Dataset, ImageSet, TaskSplit, augment, load_dataset, make_split, normalize
+from csdkit.data import (
+    Dataset,
+    ImageSet,
+    TaskSplit,
+    augment,
+    channel_stats,
+    load_dataset,
+    make_split,
+    normalize,
+)
 from csdkit.models import ResNet, resnet
 
 METHODS = {
@@ -41,8 +57,18 @@ METHODS = {
     "fd": ("ce", "triplet", "kd", "fd"),
     "csd": ("ce", "triplet", "kd", "csd"),
     "csd_official": ("ce", "triplet", "kd", "csd"),
+    "csd_transposed": ("ce", "triplet", "kd", "csd"),
+    "csd_student": ("ce", "triplet", "kd", "csd"),
     "joint": ("ce", "triplet"),
 }
+#: Which form of csdkit.losses.csd_loss each CSD method trains with.
+CSD_VARIANT = {"csd": "paper", "csd_official": "official", "csd_transposed": "transposed",
+               "csd_student": "student"}
+
+
+def uses_teacher(method: str) -> bool:
+    """Whether `method` distils from the previous model (only then is a teacher built and run)."""
+    return any(term in METHODS[method] for term in ("kd", "fd", "csd"))
 
 
 @dataclass
@@ -91,49 +117,61 @@ class Config:
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
+    def check(self) -> None:
+        """Refuse settings that cannot train, with what to change (run() calls this first)."""
+        for name in ("epochs", "batch_size", "depth"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.epochs_first is not None and self.epochs_first < 1:
+            raise ValueError(f"epochs_first must be >= 1 (or None), got {self.epochs_first}")
+        for name in ("lr_first", "lr_later", "kd_temperature", "csd_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2: the triplet and CSD losses compare the "
+                             "samples of a batch with each other")
 
-# The `quick` protocol's per-dataset choices (benchmarks/tune_quick.py, validation R@1 only).
-QUICK_TUNED: dict[str, dict] = {
-    "digits": {"lr_later": 3e-4, "epochs": 20},
-    "glyphs": {"lr_later": 1e-3, "epochs": 16},
-}
 
 PRESETS: dict[str, Config] = {
-    # Seconds per task on a 2-core CPU: digits at 16x16, ResNet-8, 5 tasks of 2 classes. The
-    # first task learns at 1e-3; later tasks learn gently from the previous model (the spirit of
-    # the authors' 1e-3 then 1e-5), at the rate and epochs chosen on validation data by
-    # benchmarks/tune_quick.py (results in benchmarks/results/tune_<dataset>.json).
-    "quick": Config(**QUICK_TUNED["digits"]),
+    # The fastest look: digits at 16x16, ResNet-8, 5 tasks of 2 classes, seconds a task on a
+    # CPU. Later tasks learn gently from the previous model (the spirit of the authors' 1e-3
+    # then 1e-5) at the rate and epochs that `python benchmarks/tune.py quick` chose on
+    # validation data (benchmarks/results/tune-quick.json). Digits sit near their ceiling (raw
+    # pixels retrieve almost as well as any model), so little is forgotten here.
+    "quick": Config(lr_later=3e-4, epochs=20),
+    # The course: what the notebooks use, chosen so that forgetting and what reduces it are
+    # visible. glyphs (40 letters, test fonts never seen in training), 5 tasks of 8 letters,
+    # ResNet-8 at 16x16; the seed draws which letters go to which task. A later-task rate high
+    # enough that fine-tuning really overwrites the previous model: `python benchmarks/tune.py
+    # course` picked the cheapest setting meeting every teaching threshold on validation fonts
+    # (benchmarks/results/tune-course.json).
+    "course": Config(dataset="glyphs", n_tasks=5, epochs=12, lr_later=1e-2, class_order="seed"),
     # The authors' CIFAR-100 protocol (csd-method.md): ResNet-32, 800 epochs a task, batch 128,
     # Adam 1e-3 then 1e-5, weight decay 5e-4, MultiStepLR 200/400/600, crop(4)+flip. We train on
-    # all 50k training images (val_fraction 0) as they did, and never select on test.
+    # all 50k training images (val_fraction 0) as they did, and never select on test. Their class
+    # order is the natural 0..99 (Avalanche sorts the class ids); --class-order icarl is the
+    # literature's other common order.
     "paper": Config(
         dataset="cifar100", n_tasks=2, depth=32, epochs=800, batch_size=128, lr_first=1e-3,
         lr_later=1e-5, weight_decay=5e-4, milestones=(200, 400, 600), gamma=0.1, crop_pad=4,
-        flip=True, val_fraction=0.0, image_size=32,
+        flip=True, val_fraction=0.0, image_size=32, class_order="natural",
     ),
 }
 
 
 def preset(name: str, dataset: str | None = None) -> Config:
-    """A preset's config, for `dataset` if given (quick: with that dataset's tuned values)."""
+    """A preset's config, on another dataset if `dataset` is given."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    cfg = PRESETS[name]
-    if dataset is None:
-        return cfg
-    cfg = cfg.replace(dataset=dataset)
-    if name == "quick":
-        cfg = cfg.replace(**QUICK_TUNED.get(dataset, {}))
-    return cfg
+    return PRESETS[name] if dataset is None else PRESETS[name].replace(dataset=dataset)
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here; "
-                           "use --device cpu (or auto)")
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; "
+                         "use --device cpu (or auto)")
     return torch.device(device)
 
 
@@ -143,7 +181,9 @@ def speed_options(cfg: Config, device: torch.device) -> tuple[bool, bool, str | 
     True means "on CUDA only", so the defaults leave a CPU run plain fp32 (bf16 changes the
     numbers, and its speed on a CPU depends on the CPU having bf16 instructions); "always" turns
     bf16 / channels_last on for any device; compile only ever acts on CUDA (on a CPU, inductor's
-    C++ compile time would outweigh any gain).
+    C++ compile time would outweigh any gain). bf16=True also stays off on a GPU older than
+    Ampere (compute capability < 8.0, e.g. Colab's T4), which has no bf16 arithmetic: torch
+    would emulate it, slower than fp32. `precision` says which was chosen.
     """
     cuda = device.type == "cuda"
     for name in ("bf16", "channels_last"):
@@ -154,10 +194,25 @@ def speed_options(cfg: Config, device: torch.device) -> tuple[bool, bool, str | 
     def on(value: bool | str) -> bool:
         return value == "always" or (value is True and cuda)
 
+    bf16 = on(cfg.bf16) and (cfg.bf16 == "always" or native_bf16(device))
     mode = None
     if cfg.compile and cuda:
         mode = "max-autotune-no-cudagraphs" if cfg.compile is True else str(cfg.compile)
-    return on(cfg.bf16), on(cfg.channels_last), mode
+    return bf16, on(cfg.channels_last), mode
+
+
+def native_bf16(device: torch.device) -> bool:
+    """A CUDA device with bf16 arithmetic (Ampere or newer); False for CPUs."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def precision(cfg: Config, device: torch.device) -> str:
+    """The arithmetic a run uses on `device`, in words (part of a run's identity on resume)."""
+    if speed_options(cfg, device)[0]:
+        return "bf16 autocast"
+    if device.type == "cuda" and cfg.bf16 is True:
+        return "fp32 (this GPU has no native bf16)"
+    return "fp32"
 
 
 def quiet_by_default() -> bool:
@@ -185,6 +240,7 @@ def extract(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    mean, std = channel_stats(mean, std, device)
     feats, logits = [], []
     for i in progress_bar(range(0, len(images), batch_size), quiet, desc="features"):
         x = normalize(images[i : i + batch_size].to(device), mean, std)
@@ -223,10 +279,9 @@ def loss_terms(
     if "fd" in wanted:
         terms["fd"] = losses.feature_distillation_loss(features, teacher_features)
     if "csd" in wanted:
-        variant = "official" if method == "csd_official" else "paper"
-        terms["csd"] = losses.csd_loss(
-            features, teacher_features, labels, temperature=cfg.csd_temperature, variant=variant
-        )
+        terms["csd"] = losses.csd_loss(features, teacher_features, labels,
+                                       temperature=cfg.csd_temperature,
+                                       variant=CSD_VARIANT[method])
     return terms
 
 
@@ -282,6 +337,7 @@ def train_task(
     bf16, channels_last, compile_mode = speed_options(cfg, device)
     g = torch.Generator(device=device).manual_seed(seed)  # randperm and augment draw on-device
     images, labels = train.images.to(device), train.labels.to(device)
+    mean, std = channel_stats(mean, std, device)  # once per task: no copy per batch
     if channels_last:
         # NHWC weights for both nets: a teacher loaded from a checkpoint is NCHW, and a format
         # mismatch would make every teacher conv convert its input.
@@ -308,7 +364,7 @@ def train_task(
     # drop the last, smaller batch (static shapes for compiled steps; no 1-sample BatchNorm)
     # unless the whole task is smaller than one batch.
     n_batches = max(1, n // cfg.batch_size)
-    for _ in progress_bar(range(epochs), quiet, desc=desc or "epochs"):
+    for epoch in progress_bar(range(epochs), quiet, desc=desc or "epochs"):
         order = torch.randperm(n, device=device, generator=g)
         sums: dict[str, torch.Tensor] = {}
         for b in range(n_batches):
@@ -330,6 +386,14 @@ def train_task(
         schedule.step()
         means = (torch.stack(list(sums.values())) / n_batches).tolist()  # one sync per epoch
         history.append(dict(zip(sums, means, strict=True)))
+        if not all(math.isfinite(v) for v in means):
+            # A NaN/inf loss has already reached the weights: stop before anything is saved.
+            raise FloatingPointError(
+                f"{desc or 'training'}: the loss became non-finite in epoch {epoch + 1} "
+                f"({', '.join(f'{k} {v:.4g}' for k, v in history[-1].items())}); the run "
+                f"diverged. Lower the learning rate (lr={lr:g}) or the loss weights, or train "
+                "in fp32 (--no-bf16); nothing of this task was saved."
+            )
     return history
 
 
@@ -353,8 +417,11 @@ def load_checkpoint(path: str | Path, model: ResNet | None = None) -> tuple[ResN
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "depth" not in ckpt:
-        raise ValueError(f"{path} is not a csdkit checkpoint (no 'model'/'depth' entries)")
+    missing = [k for k in ("model", "depth", "n_classes") if not isinstance(ckpt, dict) or
+               k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a csdkit checkpoint (no {', '.join(map(repr, missing))} "
+                         "entries); csdkit writes them with save_checkpoint or `csdkit run`")
     depth, n_classes = int(ckpt["depth"]), int(ckpt["n_classes"])
     if model is None:
         model = resnet(depth, n_classes)
@@ -375,69 +442,115 @@ def load_checkpoint(path: str | Path, model: ResNet | None = None) -> tuple[ResN
 @dataclass
 class RunResult:
     method: str
-    config: dict
+    identity: dict  # what decides the numbers: config, method, data digest (see run_identity)
     class_order: list[int]
     increments: list[int]
     recall: list[list[float]]  # R[t][j]: R@1 on task j's test classes after task t (NaN: unseen)
-    seen_recall: list[float]  # R@1 over all seen classes' test images after each task
+    seen_recall: list[float]  # R@1 pooled over all seen classes' test images after each task
     seen_map: list[float]  # mAP over all seen classes' test images after each task
     accuracy: list[float]  # classification accuracy over seen classes after each task
     old_accuracy: list[float]  # accuracy on the previous tasks' classes (NaN after task 1)
-    val_recall: list[float]  # R@1 over seen classes on the validation split (NaN: no val)
+    val_recall: list[list[float]]  # the task matrix on the validation split (tuning only)
+    val_seen_recall: list[float]  # R@1 pooled over the seen classes' validation images
     seconds: list[float] = field(default_factory=list)  # training time per task
+    machine: str = ""  # where it trained, e.g. "cpu (AVX512)"; see `machine`
+    precision: str = ""  # "fp32" or "bf16 autocast"
 
     @property
     def final_recall(self) -> float:
+        """R@1 pooled over every seen class's test images after the last task."""
         return self.seen_recall[-1]
 
     @property
+    def task_average_recall(self) -> float:
+        """The paper's "Average": the mean over tasks of R@1 within each task's classes (the
+        last row of the task matrix), after the last task."""
+        return nanmean(self.recall[-1])
+
+    @property
     def first_task_recall(self) -> float:
+        """R@1 within the first task's classes after the last task (the paper's first column)."""
         return self.recall[-1][0]
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def _config_key(cfg: Config) -> dict:
-    """The parts of a config that decide what a checkpoint holds (not device or speed knobs)."""
+def run_identity(cfg: Config, method: str, data: Dataset) -> dict:
+    """Everything that decides a run's numbers: the config (less the device and speed knobs,
+    which `run` checks apart, and less where the data live), the method and the data themselves
+    (`Dataset.digest`: every image and label, in class order). Two runs with equal identities
+    compute the same thing; a checkpoint is resumed only into a run with its identity."""
     d = asdict(cfg)
     for k in ("device", "bf16", "channels_last", "compile", "data_root", "data_path"):
         d.pop(k)
     d["milestones"] = list(d["milestones"])
-    return json.loads(json.dumps(d))
+    return json.loads(json.dumps({**d, "method": method, "data": data.digest()}))
+
+
+def run_id(identity: dict) -> str:
+    """8 hex digits naming an identity, for folder names (e.g. runs/<dataset>-<method>-<id>)."""
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_name(cfg: Config, method: str, data: Dataset) -> str:
+    """The folder name of a run: <dataset>-<method>-seed<seed>-<run_id of its identity>."""
+    return f"{cfg.dataset}-{method}-seed{cfg.seed}-{run_id(run_identity(cfg, method, data))}"
+
+
+def machine(device: torch.device) -> str:
+    """The device a run trains on, as its last digits depend on it: the GPU's name, or the
+    CPU's name and the vector instructions torch uses on it (ATen's capability; oneDNN, which
+    runs the convolutions, picks its own unless ONEDNN_MAX_CPU_ISA caps it)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"cpu ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()}"
+            f"{f', ONEDNN_MAX_CPU_ISA={isa}' if isa else ''})")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _task_row(feats: torch.Tensor, labels: torch.Tensor, split: TaskSplit, task: int) -> list:
+    """R@1 within each task's classes (NaN for tasks not seen yet): a row of the task matrix."""
+    task_of = torch.as_tensor(split.task_of_label(), device=labels.device)[labels]
+    return [metrics.recall_at_k(feats[task_of == j], labels[task_of == j], k=1) if j <= task
+            else float("nan") for j in range(split.n_tasks)]
 
 
 @torch.no_grad()
 def evaluate(model: ResNet, data: Dataset, split: TaskSplit, task: int) -> dict:
-    """Test metrics after training `task` (tasks 0..task seen)."""
+    """Metrics after training `task` (tasks 0..task seen): test, and validation for tuning."""
     seen = split.seen(task)
     test = data.test.of_classes(range(seen))
     feats, logits = extract(model, test.images, data.mean, data.std)
     labels = test.labels.to(feats.device)
-    task_of = split.task_of_label()
-    row = []
-    for j in range(split.n_tasks):
-        if j > task:
-            row.append(float("nan"))
-            continue
-        mask = torch.as_tensor(task_of[labels.cpu().numpy()] == j, device=feats.device)
-        row.append(metrics.recall_at_k(feats[mask], labels[mask], k=1))
     preds = logits[:, :seen].argmax(1)
     old = labels < split.offsets[task]
     out = {
-        "row": row,
+        "row": _task_row(feats, labels, split, task),
         "seen_recall": metrics.recall_at_k(feats, labels, k=1),
         "seen_map": metrics.mean_average_precision(feats, labels),
         "accuracy": (preds == labels).float().mean().item(),
         "old_accuracy": (preds[old] == labels[old]).float().mean().item() if old.any() else
         float("nan"),
+        "val_row": [float("nan")] * split.n_tasks,
+        "val_seen_recall": float("nan"),
     }
     val = data.val.of_classes(range(seen))
     if len(val) > 1:
         vf, _ = extract(model, val.images, data.mean, data.std)
-        out["val_recall"] = metrics.recall_at_k(vf, val.labels.to(vf.device), k=1)
-    else:
-        out["val_recall"] = float("nan")
+        out["val_row"] = _task_row(vf, val.labels.to(vf.device), split, task)
+        out["val_seen_recall"] = metrics.recall_at_k(vf, val.labels.to(vf.device), k=1)
     return out
 
 
@@ -456,57 +569,145 @@ def run(
     out_dir: str | Path | None = None,
     quiet: bool = False,
     data: tuple[Dataset, TaskSplit] | None = None,
+    first_task: str | Path | None = None,
+    resume_anywhere: bool = False,
+    last_task: int | None = None,
 ) -> RunResult:
     """Train `method` task after task and evaluate after each task.
 
-    With `out_dir`, a checkpoint `task{t}.pt` is written after each task (weights, config,
-    class order, metrics so far) and a rerun resumes after the last finished task; a folder
-    holding checkpoints of a different config is refused, never overwritten.
+    With `out_dir`, a checkpoint `task{t}.pt` is written after each task (weights, identity,
+    metrics) and a rerun resumes after the last finished task. A folder holding another run's
+    checkpoints (another config, method or data) is refused, never overwritten; so is one
+    trained on another machine or precision, unless `resume_anywhere` says that mixing them is
+    fine. Each task's weights are saved before it is evaluated, so a crash in evaluation costs
+    only the evaluation.
+
+    first_task: a `task0.pt` of another run with the same data and config, up to the method and
+    the settings of LATER_TASKS_ONLY: every method but joint trains the first task identically
+    (CE + triplet, same seed), so one first task can serve them all. It is copied into
+    `out_dir` and this run goes on from it.
+    last_task: stop after this task (0-based; the result then holds rows 0..last_task only);
+    a later call without it resumes from there.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    cfg.check()
     device = resolve_device(cfg.device)
     data, split = data if data is not None else prepare(cfg)
-    key = _config_key(cfg)
+    identity = run_identity(cfg, method, data)
+    where = {"machine": machine(device), "precision": precision(cfg, device)}
     out = Path(out_dir) if out_dir is not None else None
 
     # joint: one "task" holding every class (the upper bound), evaluated on every task's classes.
     steps = [list(range(data.n_classes))] if method == "joint" else [
         split.classes(t) for t in range(split.n_tasks)]
-    result = RunResult(method, key, split.class_order, split.increments, [], [], [], [], [], [])
+    steps = steps[: None if last_task is None else last_task + 1]
+    result = RunResult(method, identity, split.class_order, split.increments,
+                       [], [], [], [], [], [], [], [], **where)
     torch.manual_seed(cfg.seed)
     model = resnet(cfg.depth, len(steps[0])).to(device)
-    teacher = None
     for step, classes in enumerate(progress_bar(steps, quiet, desc=f"{method}: tasks")):
         task = split.n_tasks - 1 if method == "joint" else step  # tasks seen after this step
         ckpt_path = out / f"task{step}.pt" if out is not None else None
-        if ckpt_path is not None and ckpt_path.exists():
-            model, meta = _resume(ckpt_path, key, method, device)
-            _append(result, meta["metrics"], meta["seconds"])
-            continue
-        if step > 0:
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            torch.manual_seed(cfg.seed * 1000 + step)  # new rows' init, the same on resume
-            model.classifier.grow(len(classes))
-        start = time.perf_counter()
-        train_task(
-            model, teacher, data.train.of_classes(classes), cfg, method, data.mean, data.std,
-            lr=cfg.lr_first if step == 0 else cfg.lr_later,
-            epochs=(cfg.epochs_first or cfg.epochs) if step == 0 else cfg.epochs,
-            seed=cfg.seed * 1000 + step, quiet=quiet, desc=f"{method} task {step + 1}",
-        )
-        seconds = time.perf_counter() - start
-        m = evaluate(model, data, split, task)
+        meta = {"depth": cfg.depth, "method": method, "task": step,
+                "identity": json.dumps(identity), "class_order": split.class_order,
+                "increments": split.increments, **where}
+        source = ckpt_path if ckpt_path is not None and ckpt_path.exists() else None
+        if source is None and step == 0 and first_task is not None:
+            if method == "joint":
+                raise ValueError("joint trains all classes at once: it has no first task to share")
+            source = Path(first_task)
+        if source is not None:  # resume: this task is trained already
+            model, saved = _resume(source, identity, where, resume_anywhere, device,
+                                   any_method=source != ckpt_path)
+            seconds, m = saved["seconds"], json.loads(saved["metrics"] or "null")
+        else:
+            teacher = None
+            if step > 0:
+                if uses_teacher(method):
+                    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+                torch.manual_seed(cfg.seed * 1000 + step)  # new rows' init, the same on resume
+                model.classifier.grow(len(classes))
+            start = time.perf_counter()
+            train_task(
+                model, teacher, data.train.of_classes(classes), cfg, method, data.mean, data.std,
+                lr=cfg.lr_first if step == 0 else cfg.lr_later,
+                epochs=(cfg.epochs_first or cfg.epochs) if step == 0 else cfg.epochs,
+                seed=cfg.seed * 1000 + step, quiet=quiet, desc=f"{method} task {step + 1}",
+            )
+            seconds, m = time.perf_counter() - start, None
+        meta.update(n_classes=model.n_classes, seconds=seconds)
+        if ckpt_path is not None and source != ckpt_path:
+            save_checkpoint(ckpt_path, model, {**meta, "metrics": json.dumps(m)})  # before eval
+        if m is None:
+            m = evaluate(model, data, split, task)
+            if ckpt_path is not None:
+                save_checkpoint(ckpt_path, model, {**meta, "metrics": json.dumps(m)})
         _append(result, m, seconds)
-        if ckpt_path is not None:
-            save_checkpoint(ckpt_path, model, {
-                "depth": cfg.depth, "n_classes": model.n_classes, "method": method,
-                "task": step, "config": json.dumps(key), "class_order": split.class_order,
-                "metrics": json.dumps(m), "seconds": seconds,
-            })
     if out is not None:
         write_json(out / "result.json", result.to_json())
     return result
+
+
+#: Settings that act only from the second task on: runs that differ only in these (and in the
+#: method, joint aside) train the same first task, so `run_grid` trains it once for all.
+LATER_TASKS_ONLY = ("method", "lr_later", "w_kd", "w_fd", "w_csd", "kd_temperature",
+                    "csd_temperature")
+
+
+def _run_job(job: dict) -> RunResult:
+    torch.set_num_threads(1)
+    return run(**job)
+
+
+def _run_parallel(jobs: list[dict], workers: int) -> list[RunResult]:
+    """run(**job) for every job, `workers` at a time in spawned processes (safe on every OS)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers <= 1 or len(jobs) <= 1:
+        threads = torch.get_num_threads()
+        try:
+            return [_run_job(job) for job in jobs]
+        finally:
+            torch.set_num_threads(threads)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        return list(pool.map(_run_job, jobs))
+
+
+def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 2
+             ) -> list[RunResult]:
+    """Train (config, method) pairs, `workers` at a time, one torch thread each, and return
+    their results in order. On a CPU a run's last digits depend on its thread count, so the
+    numbers never depend on `workers`.
+
+    Each run gets folder/<dataset>-<method>-seed<seed>-<run_id>/ and is resumed from there
+    (a finished one only loads). Runs that differ only in LATER_TASKS_ONLY share one first task,
+    trained once into folder/<dataset>-first-seed<seed>-<id>/.
+    """
+    folder = Path(folder)
+    data: dict[str, tuple[Dataset, TaskSplit]] = {}  # by repr: configs are not hashable
+    for cfg, _ in runs:
+        if repr(cfg) not in data:
+            data[repr(cfg)] = prepare(cfg)
+    plans = []
+    for cfg, method in runs:
+        ident = run_identity(cfg, method, data[repr(cfg)][0])
+        first = {k: v for k, v in ident.items() if k not in LATER_TASKS_ONLY}
+        plans.append({"cfg": cfg, "method": method, "quiet": True,
+                      "out_dir": folder / run_name(cfg, method, data[repr(cfg)][0]),
+                      "first": folder / f"{cfg.dataset}-first-seed{cfg.seed}-{run_id(first)}"})
+    todo = [p for p in plans if not (p["out_dir"] / "result.json").exists()]
+    firsts = {p["first"]: p["cfg"] for p in todo if p["method"] != "joint"}
+    _run_parallel([{"cfg": cfg, "method": "finetune", "out_dir": path, "last_task": 0,
+                    "quiet": True} for path, cfg in firsts.items()
+                   if not (path / "task0.pt").exists()], workers)
+    _run_parallel([{k: v for k, v in p.items() if k != "first"} |
+                   ({} if p["method"] == "joint" else {"first_task": p["first"] / "task0.pt"})
+                   for p in todo], workers)
+    return [run(p["cfg"], p["method"], p["out_dir"], quiet=True, data=data[repr(p["cfg"])])
+            for p in plans]  # all trained now: this only loads
 
 
 def _append(result: RunResult, m: dict, seconds: float) -> None:
@@ -515,23 +716,35 @@ def _append(result: RunResult, m: dict, seconds: float) -> None:
     result.seen_map.append(m["seen_map"])
     result.accuracy.append(m["accuracy"])
     result.old_accuracy.append(m["old_accuracy"])
-    result.val_recall.append(m["val_recall"])
+    result.val_recall.append(m["val_row"])
+    result.val_seen_recall.append(m["val_seen_recall"])
     result.seconds.append(seconds)
 
 
-def _resume(path: Path, key: dict, method: str, device: torch.device) -> tuple[ResNet, dict]:
+def _resume(path: Path, identity: dict, where: dict, anywhere: bool, device: torch.device,
+            any_method: bool = False) -> tuple[ResNet, dict]:
+    """Load a finished task's checkpoint after checking that it belongs to this run."""
     model, meta = load_checkpoint(path)
-    saved = json.loads(meta["config"])
-    if saved != key or meta["method"] != method:
-        diff = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
-        if meta["method"] != method:
-            diff.append(f"method ({meta['method']} vs {method})")
+    saved = json.loads(meta.get("identity", "{}"))
+    if any_method:  # a shared first task: all but what acts on later tasks must agree
+        if meta.get("task") != 0 or saved.get("method") == "joint":
+            raise ValueError(f"{path} is not a first-task checkpoint of a continual method")
+        saved = {**saved, **{k: identity[k] for k in LATER_TASKS_ONLY}}
+    if saved != identity:
+        diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
         raise ValueError(
-            f"{path.parent} holds checkpoints of another run (differs in: {', '.join(diff)}). "
-            "Nothing was overwritten: choose another output folder, or delete that one to "
-            "start afresh."
+            f"{path} belongs to another run (differs in: {', '.join(diff) or 'everything'}; "
+            f"'data' means other images, labels or class order). Nothing was overwritten: "
+            f"choose another output folder, or delete {path.parent} to start afresh."
         )
-    meta["metrics"] = json.loads(meta["metrics"])
+    theirs = {k: meta.get(k) for k in where}
+    if theirs != where and not anywhere:
+        raise ValueError(
+            f"{path} was trained on {theirs['machine']} in {theirs['precision']}, this run is "
+            f"on {where['machine']} in {where['precision']}: its numbers would mix two "
+            "machines. To resume anyway pass resume_anywhere=True (--resume-anywhere); "
+            "otherwise use another output folder."
+        )
     return model.to(device), meta
 
 
@@ -541,6 +754,14 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=float))
     os.replace(tmp, path)
+
+
+def refuse_existing(path: Path) -> Path:
+    """A results file is evidence that a README may cite: a rerun never replaces one. Call it
+    before the work, so that a refusal costs nothing."""
+    if Path(path).exists():
+        raise SystemExit(f"{path} exists; pass --out another path (or delete it on purpose)")
+    return Path(path)
 
 
 def nanmean(x) -> float:

@@ -2,7 +2,7 @@
 headless Chromium (driven by playwright) changes the query, and the page must show the new
 results.
 
-What it does, on a temporary copy of notebooks/ (with the runs/notebooks checkpoint cache and
+What it does, on a temporary copy of notebooks/ (with the runs/course checkpoint cache and
 data/ when they exist, so nothing is retrained that the repository already has, and nothing in
 the repository is written but the screenshots):
   1. starts `jupyter lab` on 127.0.0.1 with a token and a fresh settings/workspace directory,
@@ -104,16 +104,15 @@ def explorer_notebook(folder: Path) -> Path | None:
 FALLBACK_CELLS = [
     # used only while no notebook of the repository builds an explorer
     "import torch\n"
-    "from csdkit.cli import demo_config\n"
     "from csdkit.models import resnet\n"
-    "from csdkit.train import prepare\n"
+    "from csdkit.train import prepare, preset\n"
     "from csdkit.widgets import RetrievalExplorer\n\n"
     "torch.set_num_threads(1)\n"
     "torch.manual_seed(0)\n"
-    "data, split = prepare(demo_config('digits').replace(data_root='../data'))",
+    "data, split = prepare(preset('quick').replace(data_root='../data'))",
     "explorer = RetrievalExplorer(\n"
     "    {'raw pixels': data.test.images.flatten(1).float(),\n"
-    "     'untrained': resnet(demo_config('digits').depth, split.increments[0])},\n"
+    "     'untrained': resnet(8, split.increments[0])},\n"
     "    data.test.images, data.test.labels, data.mean, data.std, data.class_names, k=5)\n"
     "explorer.widget",
 ]
@@ -148,13 +147,14 @@ def need_browser():
 
 @pytest.fixture
 def workdir(need_browser, tmp_path):
-    """A copy of the repository's layout: notebooks/, runs/notebooks/ and data/ when they exist,
-    and a link to the csdkit package (the notebooks find the repository root by it)."""
+    """A copy of the repository's layout: notebooks/, the course's run cache runs/course/ and
+    data/ when they exist, and a link to the csdkit package (the notebooks find the repository
+    root by it)."""
     repo = tmp_path / "repo"
     ignore = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__")
     shutil.copytree(NOTEBOOKS, repo / "notebooks", ignore=ignore)
-    if (ROOT / "runs" / "notebooks").is_dir():
-        shutil.copytree(ROOT / "runs" / "notebooks", repo / "runs" / "notebooks", ignore=ignore)
+    if (ROOT / "runs" / "course").is_dir():
+        shutil.copytree(ROOT / "runs" / "course", repo / "runs" / "course", ignore=ignore)
     if (ROOT / "data").is_dir():
         shutil.copytree(ROOT / "data", repo / "data", ignore=ignore)
     (repo / "csdkit").symlink_to(ROOT / "csdkit", target_is_directory=True)

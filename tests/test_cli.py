@@ -4,28 +4,40 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from csdkit.cli import main
 
 
-def test_demo_writes_tables_and_figures(tmp_path, capsys):
-    main(["demo", "--seeds", "2", "--methods", "finetune", "csd", "--epochs", "1",
-          "--tasks", "2", "--workers", "1", "--out", str(tmp_path), "--quiet"])
+def test_demo_writes_tables_and_figures_and_never_overwrites_another_demo(tmp_path, capsys):
+    args = ["demo", "--preset", "quick", "--seeds", "2", "--methods", "finetune", "csd",
+            "--epochs", "1", "--tasks", "2", "--workers", "1", "--out", str(tmp_path)]
+    main(args)
     out = capsys.readouterr().out
     assert "raw pixels" in out and "untrained net" in out and "csd - finetune" in out
-    folder = tmp_path / "digits"
+    assert "Bonferroni" in out and "beyond_noise_all" in out
+    (folder,) = [p for p in tmp_path.iterdir() if p.name != "runs"]
+    assert folder.name.startswith("quick-digits-")
     for name in ("results.json", "summary.csv", "paired.csv", "task_matrices.png",
                  "recall_curves.png"):
         assert (folder / name).stat().st_size > 0, name
     res = json.loads((folder / "results.json").read_text())
     assert len(res["runs"]) == 4  # 2 methods x 2 seeds
     table = pd.read_csv(folder / "summary.csv", index_col=0)
-    # the table's mean is the mean over the stored per-seed runs
-    finals = [r["seen_recall"][-1] for r in res["runs"] if r["method"] == "csd"]
-    mean = float(table.loc["csd", "final_R@1"].split(" ± ")[0])
-    assert mean == pytest.approx(sum(finals) / 2, abs=6e-4)
+    # the table's means are the means over the stored per-seed runs
+    csd = [r for r in res["runs"] if r["method"] == "csd"]
+    pooled = float(table.loc["csd", "pooled_R@1"].split(" ± ")[0])
+    assert pooled == pytest.approx(np.mean([r["seen_recall"][-1] for r in csd]), abs=6e-4)
+    avg = float(table.loc["csd", "task_avg_R@1"].split(" ± ")[0])
+    assert avg == pytest.approx(np.mean([np.mean(r["recall"][-1]) for r in csd]), abs=6e-4)
+    # another configuration (one epoch more) writes beside it, never over it
+    stamp = (folder / "results.json").read_bytes()
+    main([*args[:-4], "--epochs", "2", *args[-2:]])
+    assert len([p for p in tmp_path.iterdir() if p.name != "runs"]) == 2
+    assert (folder / "results.json").read_bytes() == stamp
 
 
 def test_demo_refuses_a_single_seed(tmp_path):
@@ -41,12 +53,14 @@ def test_run_trains_resumes_and_refuses_bad_input(tmp_path, capsys):
     assert [p.name for p in sorted((tmp_path / "r").glob("task*.pt"))] == ["task0.pt", "task1.pt"]
     main(args)  # everything is already trained: resumes, retrains nothing, same numbers
     assert json.loads((tmp_path / "r" / "result.json").read_text())["recall"] == first["recall"]
-    assert "final R@1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the paper's Average" in out and "R@1 pooled over all seen classes" in out
+    assert f"{first['recall'][-1][0] / 2 + first['recall'][-1][1] / 2:.4f}" in out
     with pytest.raises(SystemExit, match="csdkit: error: 3 tasks do not divide 10 classes"):
         main(["run", "--tasks", "3", "--out", str(tmp_path / "x"), "--quiet"])
     with pytest.raises(SystemExit, match="imagefolder.*--data-path"):
         main(["run", "--dataset", "imagefolder", "--out", str(tmp_path / "y"), "--quiet"])
-    with pytest.raises(SystemExit, match="another run.*Nothing was overwritten"):
+    with pytest.raises(SystemExit, match="another run.*epochs.*Nothing was overwritten"):
         main(["run", "--method", "lwf", "--tasks", "2", "--epochs", "2", "--out",
               str(tmp_path / "r"), "--quiet"])
     with pytest.raises(SystemExit):
@@ -62,15 +76,75 @@ def test_help_explains_every_option(capsys):
         assert opt in text
 
 
-def test_reference_rows_use_each_seeds_own_test_split():
-    from csdkit.cli import demo_config, reference_rows
+def test_reference_rows_are_raw_pixels_and_an_untrained_net_on_each_seeds_split():
     from csdkit.metrics import recall_at_k
-    from csdkit.train import prepare
+    from csdkit.report import reference_rows
+    from csdkit.train import prepare, preset
 
-    cfg = demo_config("digits")
+    cfg = preset("quick").replace(class_order="seed")  # the seed draws the class order
     rows = reference_rows(cfg, [0, 1])
-    raw = {r["seed"]: r["final_R@1"] for r in rows if r["method"] == "raw pixels"}
+    raw = {r["seed"]: r for r in rows if r["method"] == "raw pixels"}
     for seed in (0, 1):
-        test = prepare(cfg.replace(seed=seed))[0].test  # the seed draws digits' test split
-        assert raw[seed] == recall_at_k(test.images.flatten(1).float(), test.labels)
-    assert raw[0] != raw[1]
+        data, split = prepare(cfg.replace(seed=seed))
+        test = data.test
+        assert raw[seed]["pooled_R@1"] == recall_at_k(test.images.flatten(1).float(), test.labels)
+        first = test.of_classes(split.classes(0))
+        assert raw[seed]["first_task_R@1"] == recall_at_k(first.images.flatten(1).float(),
+                                                          first.labels)
+    # the test split is the same for both seeds (pooled equal), the first task is not
+    assert raw[0]["pooled_R@1"] == raw[1]["pooled_R@1"]
+    assert raw[0]["first_task_R@1"] != raw[1]["first_task_R@1"]
+
+
+def test_run_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    from csdkit import cli
+
+    with pytest.raises(SystemExit, match="csdkit: error: batch_size must be a positive"):
+        main(["run", "--batch-size", "0", "--out", str(tmp_path / "a"), "--quiet"])
+    # --increment alone: the task count follows from it (first task = increment = 5 of the
+    # 10 digits: 2 tasks), not from the preset's 5 tasks
+    main(["run", "--increment", "5", "--epochs", "1", "--method", "finetune", "--out",
+          str(tmp_path / "b"), "--quiet"])
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["increments"] == [5, 5]
+    main(["run", "--first-task", "6", "--increment", "2", "--epochs", "1", "--method",
+          "finetune", "--out", str(tmp_path / "c"), "--quiet"])
+    assert json.loads((tmp_path / "c" / "result.json").read_text())["increments"] == [6, 2, 2]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "run", out_of_memory)
+    with pytest.raises(SystemExit, match="ran out of memory. Use a smaller --batch-size"):
+        main(["run", "--epochs", "1", "--out", str(tmp_path / "d"), "--quiet"])
+
+    def internal_bug(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(cli, "run", internal_bug)
+    with pytest.raises(RuntimeError, match="an internal bug"):  # not a SystemExit
+        main(["run", "--epochs", "1", "--out", str(tmp_path / "e"), "--quiet"])
+
+
+def test_run_default_folder_names_the_data(tmp_path, monkeypatch):
+    """Two image folders, same options: two output folders, and an explicit folder of one
+    refuses the other's data."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for name in ("A", "B"):
+        for c in range(4):
+            (tmp_path / name / f"class{c}").mkdir(parents=True)
+            for i in range(12):
+                pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / name / f"class{c}" / f"{i}.png")
+    args = ["run", "--dataset", "imagefolder", "--tasks", "2", "--epochs", "1", "--batch-size",
+            "8", "--method", "finetune", "--quiet"]
+    main([*args, "--data-path", "A"])
+    main([*args, "--data-path", "B"])
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(f.startswith("imagefolder-finetune-seed0-")
+                                     for f in folders)
+    main([*args, "--data-path", "A", "--out", "mine"])
+    with pytest.raises(SystemExit, match="another run \\(differs in: data"):
+        main([*args, "--data-path", "B", "--out", "mine"])

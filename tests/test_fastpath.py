@@ -98,6 +98,9 @@ def test_bench_train_quick(tmp_path):
     assert {r["pipeline"] for r in saved["rows"]} == {"baseline", "csdkit"}
     assert all(r["images_per_s"] > 0 and r["batch_size"] in (8, 16) for r in saved["rows"])
     assert saved["speedup_at_128"] is None  # --quick runs batches 8 and 16 only
+    with pytest.raises(SystemExit, match="exists; pass --out another path"):
+        _load("bench_train").main(["--quick", "--workers", "0", "--out", str(out)])
+    assert json.loads(out.read_text()) == saved  # the first results are still there
 
 
 def test_bench_retrieval_quick(tmp_path):
@@ -108,3 +111,6 @@ def test_bench_retrieval_quick(tmp_path):
     assert [(r["metric"], r["n"]) for r in rows] == [("recall@1", 500), ("recall@1", 1000),
                                                      ("mAP", 500)]
     assert all(0 < r["value"] <= 1 and r["seconds"] >= 0 for r in rows)
+    with pytest.raises(SystemExit, match="exists; pass --out another path"):
+        _load("bench_retrieval").main(["--quick", "--in-process", "--devices", "cpu", "--out",
+                                       str(out)])

@@ -13,6 +13,7 @@ from csdkit import losses
 from csdkit.data import ImageSet
 from csdkit.models import resnet
 from csdkit.train import (
+    CSD_VARIANT,
     METHODS,
     PRESETS,
     Config,
@@ -37,6 +38,7 @@ def test_presets_follow_the_reference_protocol():
     assert (p.lr_first, p.lr_later, p.weight_decay) == (1e-3, 1e-5, 5e-4)
     assert p.milestones == (200, 400, 600) and p.gamma == 0.1
     assert p.crop_pad == 4 and p.flip
+    assert p.class_order == "natural"  # the authors' order (Avalanche sorts the class ids)
     assert PRESETS["quick"].dataset == "digits"
 
 
@@ -56,8 +58,7 @@ def test_loss_terms_per_method(method):
     if "kd" in later:
         assert torch.allclose(later["kd"], losses.kd_loss(logits[:, :c_old], t_logits, T=2.0))
     if "csd" in later:
-        variant = "official" if method == "csd_official" else "paper"
-        want = losses.csd_loss(feats, t_feats, labels, 0.07, variant)
+        want = losses.csd_loss(feats, t_feats, labels, 0.07, CSD_VARIANT[method])
         assert torch.allclose(later["csd"], want)
 
 
@@ -115,7 +116,7 @@ def test_resume_gives_identical_numbers(tmp_path, tiny_data):
 def test_checkpoints_of_another_run_are_refused_not_overwritten(tmp_path, tiny_data):
     run(TINY, "finetune", out_dir=tmp_path, quiet=True, data=tiny_data)
     stamp = (tmp_path / "task0.pt").read_bytes()
-    with pytest.raises(ValueError, match="another run.*Nothing was overwritten"):
+    with pytest.raises(ValueError, match="another run.*lr_later.*Nothing was overwritten"):
         run(TINY.replace(lr_later=1e-4), "finetune", out_dir=tmp_path, quiet=True,
             data=tiny_data)
     with pytest.raises(ValueError, match="method"):
@@ -141,7 +142,7 @@ def test_unknown_method_and_cuda_without_gpu(tiny_data):
     with pytest.raises(ValueError, match="unknown method 'ewc'.*csd"):
         run(TINY, "ewc", quiet=True, data=tiny_data)
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ValueError, match="CUDA is not available"):
             run(TINY.replace(device="cuda"), "csd", quiet=True, data=tiny_data)
 
 
@@ -176,3 +177,168 @@ def test_progress_bars_show_in_a_terminal_and_stay_silent_on_ci_or_quiet(monkeyp
     monkeypatch.setenv("CI", "true")
     list(progress_bar(range(3), quiet=False, desc="epochs"))
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------------
+# A run's identity, resume and the order of saving and evaluating
+
+
+def test_identity_holds_the_data_and_resume_refuses_other_data(tmp_path, tiny_data):
+    from csdkit.train import run_identity
+
+    data, split = tiny_data
+    ident = run_identity(TINY, "finetune", data)
+    assert ident["data"] == data.digest() and ident["method"] == "finetune"
+    # same config, other data (one test image changed): another identity, and the folder of
+    # the first run refuses it
+    other = copy.deepcopy(data)
+    other.info.pop("digest", None)
+    other.test.images[0] = 255 - other.test.images[0]
+    assert run_identity(TINY, "finetune", other)["data"] != ident["data"]
+    run(TINY, "finetune", out_dir=tmp_path, quiet=True, data=tiny_data)
+    with pytest.raises(ValueError, match=r"another run \(differs in: data;"):
+        run(TINY, "finetune", out_dir=tmp_path, quiet=True, data=(other, split))
+    # another class order changes both the config and the data
+    with pytest.raises(ValueError, match=r"class_order, data"):
+        run(TINY.replace(class_order="natural"), "finetune", out_dir=tmp_path, quiet=True)
+
+
+def test_resume_on_another_machine_is_refused_unless_asked(tmp_path, tiny_data, monkeypatch):
+    from csdkit import train
+
+    run(TINY, "finetune", out_dir=tmp_path, quiet=True, data=tiny_data)
+    monkeypatch.setattr(train, "machine", lambda device: "cpu (another one)")
+    with pytest.raises(ValueError, match=r"trained on cpu \(.*\) in fp32.*cpu \(another one\)"
+                                         r".*resume_anywhere"):
+        run(TINY, "finetune", out_dir=tmp_path, quiet=True, data=tiny_data)
+    again = run(TINY, "finetune", out_dir=tmp_path, quiet=True, data=tiny_data,
+                resume_anywhere=True)
+    assert again.machine == "cpu (another one)"
+
+
+def test_task_is_saved_before_it_is_evaluated(tmp_path, tiny_data, monkeypatch):
+    from csdkit import train
+
+    real_evaluate = train.evaluate
+
+    def crash_on_task_1(model, data, split, task):
+        if task == 1:
+            raise RuntimeError("evaluation crashed")
+        return real_evaluate(model, data, split, task)
+
+    monkeypatch.setattr(train, "evaluate", crash_on_task_1)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        run(TINY, "lwf", out_dir=tmp_path, quiet=True, data=tiny_data)
+    _, meta = load_checkpoint(tmp_path / "task1.pt")
+    assert meta["metrics"] == "null"  # the trained weights are there, not yet evaluated
+    # the rerun trains nothing: it only evaluates the saved task
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    monkeypatch.setattr(train, "train_task", lambda *a, **k: pytest.fail("retrained a task"))
+    resumed = run(TINY, "lwf", out_dir=tmp_path, quiet=True, data=tiny_data)
+    monkeypatch.undo()
+    full = run(TINY, "lwf", quiet=True, data=tiny_data)
+    np.testing.assert_array_equal(resumed.recall, full.recall)  # NaN (unseen tasks) too
+    assert resumed.seen_map == full.seen_map
+    np.testing.assert_array_equal(
+        json.loads(load_checkpoint(tmp_path / "task1.pt")[1]["metrics"])["row"], full.recall[1])
+
+
+def test_a_first_task_serves_every_continual_method(tmp_path, tiny_data, monkeypatch):
+    from csdkit import train
+
+    run(TINY, "finetune", out_dir=tmp_path / "ft", quiet=True, data=tiny_data)
+    trained = []
+    real = train.train_task
+    monkeypatch.setattr(train, "train_task", lambda *a, **k: trained.append(k["desc"]) or
+                        real(*a, **k))
+    shared = run(TINY, "lwf", out_dir=tmp_path / "lwf", quiet=True, data=tiny_data,
+                 first_task=tmp_path / "ft" / "task0.pt")
+    assert trained == ["lwf task 2"]  # task 1 came from finetune's checkpoint
+    assert load_checkpoint(tmp_path / "lwf" / "task0.pt")[1]["method"] == "lwf"
+    monkeypatch.undo()
+    alone = run(TINY, "lwf", quiet=True, data=tiny_data)
+    np.testing.assert_array_equal(shared.recall, alone.recall)
+    assert shared.seen_recall == alone.seen_recall
+    with pytest.raises(ValueError, match="another run.*epochs"):
+        run(TINY.replace(epochs=1), "lwf", out_dir=tmp_path / "x", quiet=True, data=tiny_data,
+            first_task=tmp_path / "ft" / "task0.pt")
+    with pytest.raises(ValueError, match="not a first-task checkpoint"):
+        run(TINY, "lwf", out_dir=tmp_path / "y", quiet=True, data=tiny_data,
+            first_task=tmp_path / "ft" / "task1.pt")
+
+
+def test_only_methods_that_distil_build_a_teacher(tiny_data, monkeypatch):
+    from csdkit import train
+
+    teachers = {}
+    real = train.train_task
+    monkeypatch.setattr(train, "train_task", lambda model, teacher, *a, **k: teachers.setdefault(
+        k["desc"], teacher) or real(model, teacher, *a, **k))
+    for method in ("finetune", "lwf"):
+        run(TINY.replace(epochs=1), method, quiet=True, data=tiny_data)
+    assert teachers["finetune task 2"] is None and teachers["lwf task 1"] is None
+    assert isinstance(teachers["lwf task 2"], torch.nn.Module)
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing(tmp_path, tiny_data):
+    with pytest.raises(FloatingPointError, match=r"lwf task 2: the loss became non-finite in "
+                                                 r"epoch 1 .*kd nan.*Lower the learning rate"):
+        run(TINY.replace(w_kd=float("nan")), "lwf", out_dir=tmp_path, quiet=True,
+            data=tiny_data)
+    assert (tmp_path / "task0.pt").exists() and not (tmp_path / "task1.pt").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"batch_size": 1}, "batch_size must be >= 2"),
+    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"lr_later": 0.0}, "lr_later must be > 0"),
+])
+def test_config_check_refuses_settings_that_cannot_train(change, message, tiny_data):
+    with pytest.raises(ValueError, match=message):
+        run(TINY.replace(**change), "finetune", quiet=True, data=tiny_data)
+
+
+def test_load_checkpoint_of_a_file_without_class_count(tmp_path):
+    torch.save({"model": {}, "depth": 8}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="not a csdkit checkpoint \\(no 'n_classes' entries\\)"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_training_normalises_with_tensors_built_once_per_task(tiny_data, monkeypatch):
+    # On CUDA a mean/std built from a tuple per batch is a blocking copy per step: train_task
+    # must hand normalize() ready tensors on the device.
+    from csdkit import train
+
+    seen = []
+    real = train.normalize
+    monkeypatch.setattr(train, "normalize", lambda x, m, s: seen.append((m, s)) or real(x, m, s))
+    data, split = tiny_data
+    train_task(resnet(8, 5), None, data.train.of_classes(split.classes(0)), TINY, "finetune",
+               data.mean, data.std, lr=1e-3, epochs=1, seed=0, quiet=True)
+    assert len(seen) > 1 and all(isinstance(m, torch.Tensor) for m, _ in seen)
+    assert len({id(m) for m, _ in seen}) == 1  # one tensor for the whole task
+
+
+def test_machine_names_the_cpu_and_the_instruction_sets_in_use(monkeypatch):
+    from csdkit.train import cpu_name, machine
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    here = machine(torch.device("cpu"))
+    assert cpu_name() in here and torch.backends.cpu.get_cpu_capability() in here
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")  # what a learner's older CPU would use
+    assert machine(torch.device("cpu")) == here[:-1] + ", ONEDNN_MAX_CPU_ISA=SSE41)"
+
+
+def test_bf16_stays_off_on_a_gpu_without_native_bf16(monkeypatch):
+    from csdkit import train
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert train.speed_options(TINY, cuda)[0] is False
+    assert train.precision(TINY, cuda) == "fp32 (this GPU has no native bf16)"
+    assert train.speed_options(TINY.replace(bf16="always"), cuda)[0] is True
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert train.speed_options(TINY, cuda)[0] is True
+    assert train.precision(TINY, cuda) == "bf16 autocast"
+    assert train.precision(TINY, torch.device("cpu")) == "fp32"

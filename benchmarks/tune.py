@@ -1,0 +1,153 @@
+"""Choose the `quick` and `course` protocols on VALIDATION data only (never test).
+
+Every setting of a grid trains the methods on tuning seeds (100, 101) that no reported result
+uses, and is scored on the validation split: digits' is carved from the training images (the
+test split is fixed for every seed), glyphs' is held-out fonts that are neither trained nor
+tested on.
+
+    python benchmarks/tune.py quick    # digits: lr_later x epochs; the best mean validation R@1
+                                       # over FT, LwF, FD and CSD after the last task
+    python benchmarks/tune.py course   # glyphs: the CHEAPEST setting (fewest epochs) at which,
+                                       # on every tuning seed, the course's teaching thresholds
+                                       # hold on the validation fonts (see COURSE_THRESHOLDS)
+
+Writes benchmarks/results/tune-<preset>.json (refused if it exists: pass --out). Runs are
+cached under runs/tune/ and resumed if the script is interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from csdkit.metrics import recall_at_k  # noqa: E402
+from csdkit.train import (  # noqa: E402
+    RunResult,
+    machine,
+    prepare,
+    preset,
+    refuse_existing,
+    run_grid,
+    write_json,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DISTILLERS = ["lwf", "fd", "csd", "csd_official"]
+COURSE_THRESHOLDS = {
+    "ft_drop": ("fine-tuning's first-task R@1 falls by at least", 0.10),
+    "kept": ("the best distillation method keeps at least this share of that drop", 0.5),
+    "joint_over_raw": ("joint training's pooled R@1 exceeds raw pixels' by at least", 0.10),
+    "best_over_raw": ("the best continual method's pooled R@1 exceeds raw pixels' by", 0.0),
+}
+
+
+def grid_runs(base, grid: list[dict], seeds: list[int], methods: list[str], runs: Path,
+              workers: int) -> dict:
+    """Train every (setting, seed, method) (first tasks shared, see run_grid).
+    Returns {(setting index, seed, method): RunResult}."""
+    keys = [(i, s, m) for i in range(len(grid)) for s in seeds for m in methods]
+    results = run_grid([(base.replace(**grid[i], seed=s), m) for i, s, m in keys], runs,
+                       workers)
+    return dict(zip(keys, results, strict=True))
+
+
+def raw_pixels_val(base, seed: int) -> float:
+    """Cosine R@1 of raw pixels pooled over all validation images (no training)."""
+    val = prepare(base.replace(seed=seed))[0].val
+    return recall_at_k(val.images.flatten(1).float(), val.labels)
+
+
+def course_scores(r: dict[str, RunResult], raw: float) -> dict:
+    """The teaching thresholds' quantities, on validation, for one setting and seed."""
+    first = {m: res.val_recall[-1][0] for m, res in r.items() if m != "joint"}
+    drop = r["finetune"].val_recall[0][0] - first["finetune"]
+    best = max(DISTILLERS, key=lambda m: first[m])
+    pooled = {m: res.val_seen_recall[-1] for m, res in r.items()}
+    return {
+        "ft_drop": drop,
+        "kept": (first[best] - first["finetune"]) / drop if drop > 0 else float("nan"),
+        "best_distiller": best,
+        "joint_over_raw": pooled["joint"] - raw,
+        "best_over_raw": max(v for m, v in pooled.items() if m != "joint") - raw,
+        "first_task_val": first, "pooled_val": pooled, "raw_val": raw,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preset", choices=["quick", "course"])
+    p.add_argument("--lr-later", type=float, nargs="+")
+    p.add_argument("--epochs", type=int, nargs="+")
+    p.add_argument("--image-size", type=int, help="override the preset's image size")
+    p.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, help="results file (default benchmarks/results/"
+                   "tune-<preset>.json; an existing file is never overwritten)")
+    a = p.parse_args()
+    out = refuse_existing(a.out or RESULTS / f"tune-{a.preset}.json")
+    torch.set_num_threads(1)
+    base = preset(a.preset)
+    if a.image_size:
+        base = base.replace(image_size=a.image_size)
+    if a.preset == "quick":
+        lrs, epochs, methods = a.lr_later or [1e-3, 3e-4, 1e-4], a.epochs or [10, 20], \
+            ["finetune", *DISTILLERS[:3]]
+    else:
+        lrs, epochs, methods = a.lr_later or [3e-3, 1e-2], a.epochs or [6, 8, 10, 12], \
+            ["finetune", *DISTILLERS, "joint"]
+    grid = [{"lr_later": lr, "epochs": ep} for ep, lr in itertools.product(epochs, lrs)]
+    start = time.perf_counter()
+    res = grid_runs(base, grid, a.seeds, methods, Path("runs") / "tune" / a.preset, a.workers)
+    settings = []
+    for i, g in enumerate(grid):
+        per_seed = {s: {m: res[i, s, m] for m in methods} for s in a.seeds}
+        line = {**g, "seconds": sum(sum(r.seconds) for r in (res[k] for k in res if k[0] == i))}
+        if a.preset == "quick":
+            line["val_R@1"] = float(np.mean([r.val_seen_recall[-1] for rs in per_seed.values()
+                                             for r in rs.values()]))
+        else:
+            line["seeds"] = {s: course_scores(rs, raw_pixels_val(base, s))
+                             for s, rs in per_seed.items()}
+            line["passes"] = all(sc[k] >= t for sc in line["seeds"].values()
+                                 for k, (_, t) in COURSE_THRESHOLDS.items())
+        settings.append(line)
+    if a.preset == "quick":
+        chosen = max(settings, key=lambda s: s["val_R@1"])
+    else:
+        passing = [s for s in settings if s["passes"]]
+        chosen = min(passing, key=lambda s: (s["epochs"], -min(
+            sc["ft_drop"] for sc in s["seeds"].values()))) if passing else None
+    for s in settings:
+        mark = "   <- chosen" if s is chosen else ""
+        if a.preset == "quick":
+            print(f"lr_later={s['lr_later']:g} epochs={s['epochs']}: validation R@1 "
+                  f"{s['val_R@1']:.4f}{mark}")
+        else:
+            q = {k: [round(sc[k], 3) for sc in s["seeds"].values()] for k in COURSE_THRESHOLDS}
+            print(f"lr_later={s['lr_later']:g} epochs={s['epochs']}: "
+                  + ", ".join(f"{k} {v}" for k, v in q.items())
+                  + f" -> {'passes' if s['passes'] else 'fails'}{mark}")
+    write_json(out, {"preset": a.preset, "base": {k: str(v) for k, v in vars(base).items()},
+                     "tuning_seeds": a.seeds, "methods": methods,
+                     "thresholds": COURSE_THRESHOLDS if a.preset == "course" else None,
+                     "settings": settings,
+                     "chosen": chosen and {"lr_later": chosen["lr_later"],
+                                           "epochs": chosen["epochs"]},
+                     "wall_seconds": time.perf_counter() - start, "torch": torch.__version__,
+                     "machine": machine(torch.device("cpu")), "workers": a.workers})
+    if chosen is None:
+        raise SystemExit(f"no setting meets every threshold on validation (all written to "
+                         f"{out}); widen the grid")
+    print(f"chosen: lr_later={chosen['lr_later']:g} epochs={chosen['epochs']}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
