@@ -13,15 +13,15 @@ Every arm trains CE + triplet on every task and, from task 2 on, KD plus one fea
     csd_official    KD + the authors' code: SupCon over [student, teacher] views, tau 0.07
     csd_student     KD + the authors' code without its teacher terms: SupCon on the student
 
-on the course protocol (glyphs, 5 tasks of 8 letters; csdkit.train.PRESETS["course"]), seeds
+on the course protocol (glyphs at 12 px, 5 tasks of 8 letters; PRESETS["course"]), seeds
 0-4 (the seed draws the class order and the initialisation; same seed, same first task for
 every arm). Reported: the paper's Average (mean over tasks of R@1 within each task) and the
 first task's R@1 after the last task, on the test fonts.
 
     python benchmarks/ablate_csd.py      # writes benchmarks/results/ablate-csd.json
 
-Runs are cached in runs/demo/runs (shared with `python -m csdkit demo --full`, which trains
-several of the same arms) and resumed if the script is interrupted.
+Runs are cached in runs/cache/ (shared with `python -m csdkit demo --full` and the notebooks,
+which train several of the same arms) and resumed if the script is interrupted.
 """
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from csdkit import report  # noqa: E402
-from csdkit.train import machine, preset, refuse_existing, write_json  # noqa: E402
+from csdkit.train import (  # noqa: E402
+    cache_folder,
+    machine,
+    preset,
+    refuse_existing,
+    write_json,
+)
 
 ARMS = {
     "finetune": ("finetune", {}),
@@ -69,7 +75,8 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--runs", type=Path, default=Path("runs/demo/runs"), help="run cache")
+    p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="the run cache "
+                   "(shared with the demo and the notebooks)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" /
                    "ablate-csd.json", help="results file (never overwritten)")
     a = p.parse_args()
@@ -77,7 +84,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg, seeds = preset("course"), list(range(a.seeds))
     start = time.perf_counter()
-    _, rows = report.compare(cfg, ARMS, seeds, a.runs, a.workers)
+    _, rows = report.compare(cfg, ARMS, seeds, cache_folder(a.cache, torch.device("cpu")),
+                             a.workers)
     wall = time.perf_counter() - start
     family = len(PAIRS) * len(METRICS)
     table = report.summary(rows, list(ARMS))

@@ -15,6 +15,7 @@ from csdkit.data import DATASETS
 from csdkit.train import (
     METHODS,
     PRESETS,
+    cache_folder,
     machine,
     precision,
     prepare,
@@ -36,11 +37,12 @@ DEMO_METRICS = ("task_avg_R@1", "first_task_R@1")
 
 
 def demo(preset_name: str, seeds: list[int], methods: list[str], out: Path, workers: int,
-         **overrides) -> Path:
+         cache: Path = Path("runs/cache"), **overrides) -> Path:
     """Train `methods` over `seeds` with a preset, print mean ± std tables, paired differences
     and write them under out/<preset>-<dataset>-<id>/ (id: the configuration, seeds and
     methods, so another configuration never overwrites these results); runs are cached in
-    out/runs/. Returns the results folder."""
+    `cache` (see csdkit.train.cache_folder), shared with the notebooks. Returns the results
+    folder."""
     from csdkit import report
 
     cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
@@ -52,8 +54,8 @@ def demo(preset_name: str, seeds: list[int], methods: list[str], out: Path, work
           f"{cfg.depth}, {cfg.epochs} epochs a task), seeds {seeds}: {len(methods) * len(seeds)} "
           f"runs, {workers} at a time, one thread each", flush=True)
     start = time.perf_counter()
-    results, rows = report.compare(cfg, {m: (m, {}) for m in methods}, seeds, out / "runs",
-                                   workers)
+    results, rows = report.compare(cfg, {m: (m, {}) for m in methods}, seeds,
+                                   cache_folder(cache, resolve_device(cfg.device)), workers)
     wall = time.perf_counter() - start
     rows += report.reference_rows(cfg, seeds)
     table = report.summary(rows, ["raw pixels", "untrained net", *methods])
@@ -97,7 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, help="number of seeds 0..N-1 (default 3, --full 5)")
     d.add_argument("--methods", nargs="+", choices=list(METHODS),
                    help=f"default {' '.join(QUICK_LOOK)}; --full: {' '.join(FULL)}")
-    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the tables and "
+                   "figures go (default runs/demo)")
+    d.add_argument("--cache", type=Path, default=Path("runs/cache"), help="the run cache, "
+                   "shared with the notebooks (default runs/cache)")
     d.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs in parallel, one thread each (default: 2, or 1 on one core); "
                    "the numbers do not depend on it")
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             if seeds < 2:
                 raise ValueError("demo needs --seeds >= 2 to report a spread over seeds")
             demo(a.preset, list(range(seeds)), a.methods or (FULL if a.full else QUICK_LOOK),
-                 a.out, max(1, a.workers), epochs=a.epochs, n_tasks=a.tasks)
+                 a.out, max(1, a.workers), a.cache, epochs=a.epochs, n_tasks=a.tasks)
         else:
             _run_command(a)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

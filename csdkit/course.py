@@ -7,9 +7,9 @@
 
 Training happens in worker processes, one torch thread each (two at a time on a 2-core
 machine): on a CPU a run's last digits depend on its thread count, so they never depend on how
-many workers there are. Finished runs are cached under runs/course/, in a folder per torch
-version and CPU instruction set (runs trained on another machine are not mixed in), named by
-each run's identity (config, method, data): a changed parameter trains anew, never reuses.
+many workers there are. Finished runs are cached under runs/cache/, in a folder per torch
+version and machine (runs trained on another CPU are not mixed in), named by each run's
+identity (config, method, data): a changed parameter trains anew, never reuses.
 """
 
 from __future__ import annotations
@@ -17,24 +17,25 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from csdkit import train
-from csdkit.data import Dataset, TaskSplit
-from csdkit.models import ResNet
+from csdkit import metrics, train
+from csdkit.data import Dataset, ImageSet, TaskSplit
+from csdkit.models import ResNet, resnet
 from csdkit.train import (
     Config,
     RunResult,
     extract,
+    first_name,
     load_checkpoint,
     prepare,
     preset,
     run_grid,
-    run_id,
     run_name,
 )
 
@@ -64,23 +65,39 @@ class Course:
     seeds: tuple[int, ...]
     cache: Path
     workers: int
-    _data: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def _cached(self, key: tuple, compute):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def data(self, seed: int | None = None) -> tuple[Dataset, TaskSplit]:
         """The dataset, relabelled in the class order of `seed` (default: the first seed)."""
         seed = self.seeds[0] if seed is None else seed
-        if seed not in self._data:
-            self._data[seed] = prepare(self.cfg.replace(seed=seed))
-        return self._data[seed]
+        return self._cached(("data", seed), lambda: prepare(self.cfg.replace(seed=seed)))
 
     def runs(self, methods: list[str], seeds: tuple[int, ...] | None = None
              ) -> dict[str, list[RunResult]]:
         """Train (or load) every method for every seed: {method: [result per seed]}. Every
         method but joint starts from the same first task of a seed, trained once."""
         seeds = self.seeds if seeds is None else tuple(seeds)
-        results = run_grid([(self.cfg.replace(seed=s), m) for m in methods for s in seeds],
-                           self.cache, self.workers)
-        return {m: results[i * len(seeds):(i + 1) * len(seeds)] for i, m in enumerate(methods)}
+        todo = [(m, s) for m in methods for s in seeds if ("run", m, s) not in self._memo]
+        if todo:
+            results = run_grid([(self.cfg.replace(seed=s), m) for m, s in todo], self.cache,
+                               self.workers)
+            self._memo.update({("run", m, s): r for (m, s), r in zip(todo, results, strict=True)})
+        return {m: [self._memo["run", m, s] for s in seeds] for m in methods}
+
+    def first_models(self, seeds: tuple[int, ...] | None = None) -> list[ResNet]:
+        """The model after the first task, one per seed (shared by every method but joint;
+        trains only that task when it is not cached yet)."""
+        seeds = self.seeds if seeds is None else tuple(seeds)
+        run_grid([(self.cfg.replace(seed=s), "finetune") for s in seeds], self.cache,
+                 self.workers, first_only=True)
+        return [load_checkpoint(self.cache / first_name(self.cfg.replace(seed=s),
+                                                        self.data(s)[0]) / "task0.pt")[0].eval()
+                for s in seeds]
 
     def model(self, method: str, seed: int | None = None, task: int = -1) -> ResNet:
         """The model of `method` after `task` (0-based; -1: the last), in eval mode."""
@@ -96,6 +113,279 @@ class Course:
         data = self.data(seed)[0]
         return extract(model, images, data.mean, data.std)[0]
 
+    # ----------------------------------------------------------------------------------------
+    # the numbers the claims use, per seed (memoised)
+
+    def parts(self, seed: int) -> dict[str, ImageSet]:
+        """The test images the course scores on: "first" (task 1's classes), "unseen" (the
+        classes of tasks 2..T, which the first model never saw) and "all"."""
+        data, split = self.data(seed)
+        return {"first": data.test.of_classes(split.classes(0)),
+                "unseen": data.test.of_classes(range(split.seen(0), data.n_classes)),
+                "all": data.test}
+
+    def raw(self, seed: int) -> dict[str, float]:
+        """R@1 of raw pixels on each part, and each part's chance level (nothing trained)."""
+        def compute() -> dict[str, float]:
+            out = {}
+            for part, s in self.parts(seed).items():
+                out[f"chance_{part}"] = metrics.chance_recall_at_1(s.labels)
+                out[f"raw_{part}"] = metrics.recall_at_k(s.images.flatten(1).float(), s.labels)
+            return out
+        return self._cached(("raw", seed), compute)
+
+    def baselines(self, seed: int) -> dict[str, float]:
+        """`raw`, plus R@1 on each part of an untrained network (the initial weights of every
+        run of this seed) and of the model after the first task."""
+        def compute() -> dict[str, float]:
+            torch.manual_seed(seed)  # the initial weights of every run of this seed
+            untrained = resnet(self.cfg.depth, self.data(seed)[1].increments[0]).eval()
+            first = self.first_models((seed,))[0]
+            out = dict(self.raw(seed))
+            for part, s in self.parts(seed).items():
+                for name, net in (("untrained", untrained), ("first_model", first)):
+                    out[f"{name}_{part}"] = metrics.recall_at_k(
+                        self.features(net, s.images, seed), s.labels)
+            return out
+        return self._cached(("baselines", seed), compute)
+
+    def facts(self, method: str, seed: int) -> dict[str, float]:
+        """A run's numbers: from its task matrix, plus how far task 1's classes moved in
+        feature space (drift_ratio, first model -> final model) and how well the final model's
+        queries find the first model's gallery of task 1's test images (compat_R@1)."""
+        def compute() -> dict[str, float]:
+            from csdkit.drift import drift_ratio
+
+            r = self.runs([method], (seed,))[method][0]
+            R = np.asarray(r.recall, dtype=float)
+            out = {"task_avg": r.task_average_recall, "pooled": r.final_recall,
+                   "first_final": R[-1, 0], "old_acc": r.old_accuracy[-1]}
+            if method == "joint":
+                return out
+            first = self.parts(seed)["first"]
+            old = self.features(self.first_models((seed,))[0], first.images, seed)
+            new = self.features(self.model(method, seed), first.images, seed)
+            out.update(first_after_1=R[0, 0], drop=R[0, 0] - R[-1, 0],
+                       new_task=float(np.mean(np.diag(R))),
+                       old_tasks=float(np.mean(R[-1, :-1])),
+                       drift=drift_ratio(old, new, first.labels),
+                       compat=metrics.recall_at_k(new, first.labels, gallery=old))
+            return out
+        return self._cached(("facts", method, seed), compute)
+
+
+    def replace(self, **changes) -> Course:
+        """The same course with other settings (e.g. lr_later=1e-3, for an exercise), sharing
+        the run cache: what it trains is cached under its own identity."""
+        return Course(self.cfg.replace(**changes), self.seeds, self.cache, self.workers)
+
+    def check(self, name: str) -> None:
+        """Measure claim `name` of CLAIMS over this course's seeds and check it (see `claim`)."""
+        spec = CLAIMS[name]
+        value = spec.measure(self, self.seeds)
+        claim(spec.statement, value >= spec.threshold, measured=value,
+              threshold=spec.threshold, seeds=self.seeds)
+
+
+# --------------------------------------------------------------------------------------------
+# The course's claims. Each is a statement, a measurement over the notebook's seeds and the
+# threshold it must reach. benchmarks/calibrate_claims.py measures every one on every 3 of
+# seeds 0-4, on three CPU settings and two thread counts, and reports each one's worst case.
+
+#: What the course trains (notebooks 03-06).
+METHODS = ["finetune", "lwf", "fd", "csd", "csd_official", "joint"]
+DISTILLERS = ["lwf", "fd", "csd", "csd_official"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    notebook: str
+    statement: str
+    measure: Callable[[Course, tuple[int, ...]], float]
+    threshold: float  # the claim holds when measure >= threshold
+
+
+def _worst(c: Course, seeds, f) -> float:
+    """The smallest value of f(seed) over the seeds: a claim that holds for every seed."""
+    return float(min(f(s) for s in seeds))
+
+
+def _mean(c: Course, seeds, f) -> float:
+    return float(np.mean([f(s) for s in seeds]))
+
+
+def _kept(c: Course, seeds, method: str) -> float:
+    """The share of fine-tuning's first-task drop that `method` avoids, over the seeds (0 when
+    fine-tuning dropped nothing: then there was nothing to keep)."""
+    ft = np.mean([c.facts("finetune", s)["drop"] for s in seeds])
+    return float(1 - np.mean([c.facts(method, s)["drop"] for s in seeds]) / ft) if ft > 0 else 0.0
+
+
+def _ci_low(values) -> float:
+    """Lower end of the 95% t-interval of the mean (the paired interval of the demo)."""
+    from csdkit.report import _t_interval
+
+    return float(_t_interval(np.asarray(values, dtype=float), 0.95)[0])
+
+
+def sign_test(c: Course, a: str, b: str, seeds) -> tuple[int, int, float]:
+    """Over every test query of task 1's classes (all seeds pooled), how many the final model of
+    `a` gets right (R@1, within task 1) and `b` wrong, the reverse, and the two-sided binomial
+    (sign test) p-value of that split: evidence from every query, not from a picked one."""
+    from scipy.stats import binomtest
+
+    wins = losses_ = 0
+    for s in seeds:
+        first = c.parts(s)["first"]
+        hit = {}
+        for m in (a, b):
+            f = c.features(c.model(m, s), first.images, s)
+            _, idx = metrics.retrieve(f, f, 1, exclude_self=True)
+            hit[m] = first.labels[idx[:, 0]] == first.labels
+        wins += int((hit[a] & ~hit[b]).sum())
+        losses_ += int((hit[b] & ~hit[a]).sum())
+    return wins, losses_, float(binomtest(wins, wins + losses_).pvalue)
+
+
+def _f(method: str, key: str):
+    return lambda c, s: c.facts(method, s)[key]
+
+
+def _worst_of(c: Course, seeds, *terms) -> float:
+    """min over seeds of (sum of sign * value(c, seed)) for (sign, value) terms."""
+    return _worst(c, seeds, lambda s: sum(sign * value(c, s) for sign, value in terms))
+
+
+def _mean_of(c: Course, seeds, *terms) -> float:
+    return _mean(c, seeds, lambda s: sum(sign * value(c, s) for sign, value in terms))
+
+
+def _best_pooled_over_raw(c: Course, seeds) -> float:
+    best = max(_mean_of(c, seeds, (1, _f(m, "pooled"))) for m in DISTILLERS)
+    return best - _mean(c, seeds, lambda s: c.raw(s)["raw_all"])
+
+
+def _raw(key):
+    return lambda c, s: c.raw(s)[key]
+
+
+def _base(key):
+    return lambda c, s: c.baselines(s)[key]
+
+
+CLAIMS: dict[str, Claim] = {
+    # 01: the data and the protocol (nothing trained)
+    "raw_far_above_chance": Claim(
+        "01", "raw pixels retrieve at least 10 times above chance over all 40 classes",
+        lambda c, seeds: _worst(c, seeds, lambda s: c.raw(s)["raw_all"] /
+                                c.raw(s)["chance_all"]), 10.0),
+    "raw_harder_with_more_classes": Claim(
+        "01", "raw-pixel R@1 falls by at least 0.10 from task 1's classes to all 40 classes",
+        lambda c, seeds: _worst_of(c, seeds, (1, _raw("raw_first")), (-1, _raw("raw_all"))),
+        0.10),
+    # 02: the first task
+    "first_model_good_on_its_classes": Claim(
+        "02", "after task 1 the network retrieves task 1's letters with R@1 of at least 0.9",
+        lambda c, seeds: _worst_of(c, seeds, (1, _base("first_model_first"))), 0.9),
+    "first_model_beats_untrained_on_its_classes": Claim(
+        "02", "on task 1's letters it beats the untrained network by at least 0.08",
+        lambda c, seeds: _worst_of(c, seeds, (1, _base("first_model_first")),
+                                   (-1, _base("untrained_first"))), 0.08),
+    "first_model_below_raw_on_unseen": Claim(
+        "02", "on the 32 letters it never saw, it falls at least 0.05 below raw pixels",
+        lambda c, seeds: _worst_of(c, seeds, (1, _base("raw_unseen")),
+                                   (-1, _base("first_model_unseen"))), 0.05),
+    "first_model_beats_untrained_on_unseen": Claim(
+        "02", "on those unseen letters it still beats the untrained network by at least 0.03",
+        lambda c, seeds: _worst_of(c, seeds, (1, _base("first_model_unseen")),
+                                   (-1, _base("untrained_unseen"))), 0.03),
+    # 03: fine-tuning forgets
+    "ft_forgets": Claim(
+        "03", "fine-tuning forgets: its first-task R@1 falls by at least 0.10 from task 1 to "
+              "task 5, on average over the seeds",
+        lambda c, seeds: _mean_of(c, seeds, (1, _f("finetune", "drop"))), 0.10),
+    "ft_forgets_every_seed": Claim(
+        "03", "and it falls in every seed, by at least 0.05",
+        lambda c, seeds: _worst_of(c, seeds, (1, _f("finetune", "drop"))), 0.05),
+    "classification_collapses": Claim(
+        "03", "classification forgets completely: old-class accuracy after task 5 is at most "
+              "0.05 in every seed",
+        lambda c, seeds: 0.05 + _worst_of(c, seeds, (-1, _f("finetune", "old_acc"))), 0.0),
+    "retrieval_survives": Claim(
+        "03", "retrieval does not: the old tasks' within-task R@1 stays at least 0.6 (5 times "
+              "chance) in every seed",
+        lambda c, seeds: _worst_of(c, seeds, (1, _f("finetune", "old_tasks"))), 0.6),
+    "ft_drifts": Claim(
+        "03", "fine-tuning moves task 1's classes by at least 0.8 of the distance between two of "
+              "them, in every seed",
+        lambda c, seeds: _worst_of(c, seeds, (1, _f("finetune", "drift"))), 0.8),
+    # 04: LwF and feature distillation
+    "fd_keeps_half": Claim(
+        "04", "feature distillation keeps at least half of fine-tuning's first-task drop",
+        lambda c, seeds: _kept(c, seeds, "fd"), 0.5),
+    "fd_beats_lwf_on_task_1": Claim(
+        "04", "KD alone keeps less of task 1: FD's first-task R@1 beats LwF's by at least 0.04 "
+              "in every seed",
+        lambda c, seeds: _worst_of(c, seeds, (1, _f("fd", "first_final")),
+                                   (-1, _f("lwf", "first_final"))), 0.04),
+    "fd_still_learns": Claim(
+        "04", "FD learns each new task about as well as fine-tuning (task-matrix diagonal at "
+              "most 0.02 lower, every seed)",
+        lambda c, seeds: _worst_of(c, seeds, (1, _f("fd", "new_task")),
+                                   (-1, _f("finetune", "new_task"))), -0.02),
+    "fd_moves_less": Claim(
+        "04", "FD moves task 1's classes less than fine-tuning, by at least 0.1 class distances "
+              "in every seed",
+        lambda c, seeds: _worst_of(c, seeds, (1, _f("finetune", "drift")),
+                                   (-1, _f("fd", "drift"))), 0.1),
+    # 05: CSD
+    "csd_beats_ft": Claim(
+        "05", "CSD as Eq. 8 raises the paper's Average over fine-tuning's by at least 0.02, on "
+              "average",
+        lambda c, seeds: _mean_of(c, seeds, (1, _f("csd", "task_avg")),
+                                  (-1, _f("finetune", "task_avg"))), 0.02),
+    "official_beats_eq8": Claim(
+        "05", "the authors' form beats Eq. 8 on the paper's Average by at least 0.02 in every "
+              "seed",
+        lambda c, seeds: _worst_of(c, seeds, (1, _f("csd_official", "task_avg")),
+                                   (-1, _f("csd", "task_avg"))), 0.02),
+    "official_level_with_fd": Claim(
+        "05", "and ends level with FD: their Averages differ by at most 0.04 on average",
+        lambda c, seeds: 0.04 - abs(_mean_of(c, seeds, (1, _f("csd_official", "task_avg")),
+                                             (-1, _f("fd", "task_avg")))), 0.0),
+    "official_moves_less": Claim(
+        "05", "the authors' form moves task 1's classes less than fine-tuning, by at least 0.1 "
+              "class distances in every seed",
+        lambda c, seeds: _worst_of(c, seeds, (1, _f("finetune", "drift")),
+                                   (-1, _f("csd_official", "drift"))), 0.1),
+    # 06: the whole comparison
+    "joint_beats_raw": Claim(
+        "06", "learning matters: joint training's pooled R@1 beats raw pixels' by at least 0.10",
+        lambda c, seeds: _worst_of(c, seeds, (1, _f("joint", "pooled")), (-1, _raw("raw_all"))),
+        0.10),
+    "best_continual_beats_raw": Claim(
+        "06", "the best continual method's pooled R@1 is above raw pixels'",
+        _best_pooled_over_raw, 0.0),
+    "best_distiller_beats_ft": Claim(
+        "06", "the best distillation method beats fine-tuning on the paper's Average, with a "
+              "paired 95% interval above 0",
+        lambda c, seeds: max(_ci_low([c.facts(m, s)["task_avg"] - c.facts("finetune", s)
+                                      ["task_avg"] for s in seeds]) for m in DISTILLERS), 0.0),
+    "old_gallery_lost": Claim(
+        "06", "no method keeps the old gallery usable: new queries against the first model's "
+              "gallery stay below R@1 0.5",
+        lambda c, seeds: 0.5 - max(c.facts(m, s)["compat"] for m in DISTILLERS + ["finetune"]
+                                   for s in seeds), 0.0),
+    "fd_compat_beats_ft": Claim(
+        "06", "but FD's new model finds it better than fine-tuning's, by at least 0.05 on average",
+        lambda c, seeds: _mean_of(c, seeds, (1, _f("fd", "compat")),
+                                  (-1, _f("finetune", "compat"))), 0.05),
+    "fd_wins_the_sign_test": Claim(
+        "06", "over every task-1 query, FD's final model gets right far more of fine-tuning's "
+              "misses than the reverse (sign test p < 0.001)",
+        lambda c, seeds: -np.log10(sign_test(c, "fd", "finetune", seeds)[2]), 3.0),
+}
+
 
 def setup(
     dataset: str | None = None,
@@ -103,10 +393,12 @@ def setup(
     seeds: tuple[int, ...] = SEEDS,
     device: str = "cpu",
     quiet: bool = False,
+    preset_name: str = "course",
 ) -> Course:
     """Everything a notebook needs before it teaches: checks the install, seeds Python, NumPy
-    and torch, loads the course data and opens the run cache. `dataset`/`epochs` override the
-    `course` preset's (e.g. dataset="digits", the fastest). Prints the machine in one line."""
+    and torch, and opens the run cache. `dataset`/`epochs` override the preset's (e.g.
+    dataset="digits", the fastest; preset_name="paper" for CIFAR-100). Prints the machine in
+    one line."""
     missing = [m for m in ("sklearn", "seaborn", "umap", "ipywidgets")
                if importlib.util.find_spec(m) is None]
     if missing:
@@ -125,19 +417,18 @@ def setup(
     plt.rcParams.update({"figure.dpi": 80, "axes.titlesize": 11})
 
     root = repository_root()
-    cfg = preset("course").replace(seed=seeds[0], device=device, data_root=str(root / "data"))
+    cfg = preset(preset_name).replace(seed=seeds[0], device=device, data_root=str(root / "data"))
     if dataset is not None:
         cfg = cfg.replace(dataset=dataset)
     if epochs is not None:
         cfg = cfg.replace(epochs=epochs)
     # Runs are cached per machine: another CPU (or the same one emulating another, as the
     # notebook tests do), another torch or another GPU computes other last digits.
-    where = train.machine(train.resolve_device(device))
-    folder = f"torch{torch.__version__.split('+')[0]}-{run_id({'machine': where})}"
-    c = Course(cfg, tuple(seeds), root / "runs" / "course" / folder,
-               workers=min(2, cores) if device == "cpu" else 1)
+    where = train.resolve_device(device)
+    c = Course(cfg, tuple(seeds), train.cache_folder(root / "runs" / "cache", where),
+               workers=min(2, cores) if where.type == "cpu" else 1)
     if not quiet:
-        print(f"torch {torch.__version__} on {where}, CPU capability "
+        print(f"torch {torch.__version__} on {train.machine(where)}, CPU capability "
               f"{torch.backends.cpu.get_cpu_capability()}; {cores} cores: {c.workers} run(s) "
               f"trained at a time, one thread each; runs cached in {c.cache}")
     return c

@@ -141,11 +141,13 @@ PRESETS: dict[str, Config] = {
     "quick": Config(lr_later=3e-4, epochs=20),
     # The course: what the notebooks use, chosen so that forgetting and what reduces it are
     # visible. glyphs (40 letters, test fonts never seen in training), 5 tasks of 8 letters,
-    # ResNet-8 at 16x16; the seed draws which letters go to which task. A later-task rate high
+    # ResNet-8 at 12x12; the seed draws which letters go to which task. A later-task rate high
     # enough that fine-tuning really overwrites the previous model: `python benchmarks/tune.py
-    # course` picked the cheapest setting meeting every teaching threshold on validation fonts
-    # (benchmarks/results/tune-course.json).
-    "course": Config(dataset="glyphs", n_tasks=5, epochs=12, lr_later=1e-2, class_order="seed"),
+    # course` (at 16 px, and with --image-size 12) picked the setting with the least training
+    # time that meets every teaching threshold on the validation fonts
+    # (benchmarks/results/tune-course.json, tune-course-12px.json).
+    "course": Config(dataset="glyphs", image_size=12, n_tasks=5, epochs=12, lr_later=1e-2,
+                     class_order="seed"),
     # The authors' CIFAR-100 protocol (csd-method.md): ResNet-32, 800 epochs a task, batch 128,
     # Adam 1e-3 then 1e-5, weight decay 5e-4, MultiStepLR 200/400/600, crop(4)+flip. We train on
     # all 50k training images (val_fraction 0) as they did, and never select on test. Their class
@@ -509,6 +511,13 @@ def machine(device: torch.device) -> str:
             f"{f', ONEDNN_MAX_CPU_ISA={isa}' if isa else ''})")
 
 
+def cache_folder(root: str | Path, device: torch.device) -> Path:
+    """root/torch<version>-<8 hex digits of `machine`>: the run cache of this machine. Runs are
+    named by their identity inside it (run_grid), so every tool can share it; a machine of
+    other arithmetic (another CPU, an emulated one, another torch) gets a cache of its own."""
+    return Path(root) / f"torch{torch.__version__.split('+')[0]}-{run_id({'m': machine(device)})}"
+
+
 def cpu_name() -> str:
     """The CPU's model name (Linux), else what the platform says."""
     try:
@@ -676,33 +685,40 @@ def _run_parallel(jobs: list[dict], workers: int) -> list[RunResult]:
         return list(pool.map(_run_job, jobs))
 
 
-def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 2
-             ) -> list[RunResult]:
+def first_name(cfg: Config, data: Dataset) -> str:
+    """The folder name of the first task shared by the runs that differ from `cfg` only in
+    LATER_TASKS_ONLY (see run_grid)."""
+    ident = run_identity(cfg, "finetune", data)
+    shared = {k: v for k, v in ident.items() if k not in LATER_TASKS_ONLY}
+    return f"{cfg.dataset}-first-seed{cfg.seed}-{run_id(shared)}"
+
+
+def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 2,
+             first_only: bool = False) -> list[RunResult]:
     """Train (config, method) pairs, `workers` at a time, one torch thread each, and return
     their results in order. On a CPU a run's last digits depend on its thread count, so the
     numbers never depend on `workers`.
 
-    Each run gets folder/<dataset>-<method>-seed<seed>-<run_id>/ and is resumed from there
-    (a finished one only loads). Runs that differ only in LATER_TASKS_ONLY share one first task,
-    trained once into folder/<dataset>-first-seed<seed>-<id>/.
+    Each run gets folder/<run_name>/ and is resumed from there (a finished one only loads).
+    Runs that differ only in LATER_TASKS_ONLY share one first task, trained once into
+    folder/<first_name>/. first_only: train just those first tasks, and return their results.
     """
     folder = Path(folder)
     data: dict[str, tuple[Dataset, TaskSplit]] = {}  # by repr: configs are not hashable
     for cfg, _ in runs:
         if repr(cfg) not in data:
             data[repr(cfg)] = prepare(cfg)
-    plans = []
-    for cfg, method in runs:
-        ident = run_identity(cfg, method, data[repr(cfg)][0])
-        first = {k: v for k, v in ident.items() if k not in LATER_TASKS_ONLY}
-        plans.append({"cfg": cfg, "method": method, "quiet": True,
-                      "out_dir": folder / run_name(cfg, method, data[repr(cfg)][0]),
-                      "first": folder / f"{cfg.dataset}-first-seed{cfg.seed}-{run_id(first)}"})
-    todo = [p for p in plans if not (p["out_dir"] / "result.json").exists()]
+    plans = [{"cfg": cfg, "method": method, "quiet": True,
+              "out_dir": folder / run_name(cfg, method, data[repr(cfg)][0]),
+              "first": folder / first_name(cfg, data[repr(cfg)][0])} for cfg, method in runs]
+    todo = [p for p in plans if not (p["out_dir"] / "result.json").exists() or first_only]
     firsts = {p["first"]: p["cfg"] for p in todo if p["method"] != "joint"}
-    _run_parallel([{"cfg": cfg, "method": "finetune", "out_dir": path, "last_task": 0,
-                    "quiet": True} for path, cfg in firsts.items()
+    first_job = {"method": "finetune", "last_task": 0, "quiet": True}
+    _run_parallel([{"cfg": cfg, "out_dir": path, **first_job} for path, cfg in firsts.items()
                    if not (path / "task0.pt").exists()], workers)
+    if first_only:
+        return [run(p["cfg"], out_dir=p["first"], data=data[repr(p["cfg"])], **first_job)
+                for p in plans]
     _run_parallel([{k: v for k, v in p.items() if k != "first"} |
                    ({} if p["method"] == "joint" else {"first_task": p["first"] / "task0.pt"})
                    for p in todo], workers)

@@ -2,7 +2,7 @@
 headless Chromium (driven by playwright) changes the query, and the page must show the new
 results.
 
-What it does, on a temporary copy of notebooks/ (with the runs/course checkpoint cache and
+What it does, on a temporary copy of notebooks/ (with the runs/cache checkpoint cache and
 data/ when they exist, so nothing is retrained that the repository already has, and nothing in
 the repository is written but the screenshots):
   1. starts `jupyter lab` on 127.0.0.1 with a token and a fresh settings/workspace directory,
@@ -147,14 +147,14 @@ def need_browser():
 
 @pytest.fixture
 def workdir(need_browser, tmp_path):
-    """A copy of the repository's layout: notebooks/, the course's run cache runs/course/ and
+    """A copy of the repository's layout: notebooks/, the run cache runs/cache/ and
     data/ when they exist, and a link to the csdkit package (the notebooks find the repository
     root by it)."""
     repo = tmp_path / "repo"
     ignore = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__")
     shutil.copytree(NOTEBOOKS, repo / "notebooks", ignore=ignore)
-    if (ROOT / "runs" / "course").is_dir():
-        shutil.copytree(ROOT / "runs" / "course", repo / "runs" / "course", ignore=ignore)
+    if (ROOT / "runs" / "cache").is_dir():
+        shutil.copytree(ROOT / "runs" / "cache", repo / "runs" / "cache", ignore=ignore)
     if (ROOT / "data").is_dir():
         shutil.copytree(ROOT / "data", repo / "data", ignore=ignore)
     (repo / "csdkit").symlink_to(ROOT / "csdkit", target_is_directory=True)

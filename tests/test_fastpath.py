@@ -29,8 +29,9 @@ def small_data():
     return prepare(SMALL)
 
 
-def test_speed_options_resolve_per_device():
+def test_speed_options_resolve_per_device(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # no GPU needed to build a device
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100
     assert speed_options(Config(), cpu) == (False, False, None)  # defaults: plain fp32 on CPU
     assert speed_options(Config(compile=True), cpu) == (False, False, None)
     assert speed_options(Config(), cuda) == (True, True, None)
