@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -475,7 +476,10 @@ class RunResult:
         return self.recall[-1][0]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """Every field, plus the two summaries after the last task under the names the reports
+        use: task_avg_R@1 (the paper's Average) and pooled_R@1."""
+        return {**asdict(self), "task_avg_R@1": self.task_average_recall,
+                "pooled_R@1": self.final_recall}
 
 
 def run_identity(cfg: Config, method: str, data: Dataset) -> dict:
@@ -501,14 +505,36 @@ def run_name(cfg: Config, method: str, data: Dataset) -> str:
 
 
 def machine(device: torch.device) -> str:
-    """The device a run trains on, as its last digits depend on it: the GPU's name, or the
-    CPU's name and the vector instructions torch uses on it (ATen's capability; oneDNN, which
-    runs the convolutions, picks its own unless ONEDNN_MAX_CPU_ISA caps it)."""
+    """The device a run trains on, as its last digits depend on it: the GPU's name; or the
+    CPU's name, ATen's vector instruction set and `arithmetic()`, which also tells the
+    instruction set oneDNN picked for the convolutions (ONEDNN_MAX_CPU_ISA can cap it)."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return (f"cpu ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()}"
-            f"{f', ONEDNN_MAX_CPU_ISA={isa}' if isa else ''})")
+    return (f"cpu ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, arithmetic "
+            f"{arithmetic()})")
+
+
+@functools.cache
+def arithmetic() -> str:
+    """8 hex digits of what a training step computes on this CPU: the bits of a ResNet-8's
+    gradients on a fixed batch, with one thread. Settings that compute the same (an AVX2 CPU,
+    or an AVX-512 one capped at AVX2 the same way) share it; any change of instruction set,
+    library or torch release that changes the numbers changes it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
+            torch.manual_seed(0)
+            net = resnet(8, 8)
+            x, y = torch.randn(16, 3, 12, 12), torch.arange(16) % 8
+        logits, features = net(x)
+        (F.cross_entropy(logits, y) + losses.triplet_loss(features, y)).backward()
+        digest = hashlib.sha1()
+        for p in net.parameters():
+            digest.update(p.grad.numpy().tobytes())
+        return digest.hexdigest()[:8]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cache_folder(root: str | Path, device: torch.device) -> Path:
@@ -702,6 +728,9 @@ def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 
     Each run gets folder/<run_name>/ and is resumed from there (a finished one only loads).
     Runs that differ only in LATER_TASKS_ONLY share one first task, trained once into
     folder/<first_name>/. first_only: train just those first tasks, and return their results.
+
+    With workers > 1 the runs train in spawned processes, which import the calling script
+    again: call this from a notebook, or from a script under `if __name__ == "__main__":`.
     """
     folder = Path(folder)
     data: dict[str, tuple[Dataset, TaskSplit]] = {}  # by repr: configs are not hashable

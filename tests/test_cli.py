@@ -50,6 +50,9 @@ def test_run_trains_resumes_and_refuses_bad_input(tmp_path, capsys):
             str(tmp_path / "r"), "--quiet"]
     main(args)
     first = json.loads((tmp_path / "r" / "result.json").read_text())
+    # both summaries, under names that say what they are
+    assert first["task_avg_R@1"] == pytest.approx(np.mean(first["recall"][-1]))
+    assert first["pooled_R@1"] == first["seen_recall"][-1]
     assert [p.name for p in sorted((tmp_path / "r").glob("task*.pt"))] == ["task0.pt", "task1.pt"]
     main(args)  # everything is already trained: resumes, retrains nothing, same numbers
     assert json.loads((tmp_path / "r" / "result.json").read_text())["recall"] == first["recall"]
