@@ -28,7 +28,7 @@ from csdkit.train import (
     write_json,
 )
 
-QUICK_LOOK = ["finetune", "lwf", "fd", "csd"]  # the default demo: about 2 minutes on 2 cores
+QUICK_LOOK = ["finetune", "fd", "csd"]  # the default demo: about 2 minutes on 2 cores
 FULL = ["finetune", "lwf", "fd", "csd", "csd_official", "joint"]  # --full
 DEMO_PAIRS = [("fd", "finetune"), ("lwf", "finetune"), ("csd", "finetune"),
               ("csd_official", "finetune"), ("csd", "lwf"), ("csd", "fd"), ("csd_official", "fd"),
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train methods over several seeds with a preset; print mean "
                        "± std tables and paired differences; write results.json, CSVs and "
                        "figures under --out. Default: a quick look (the course protocol, 3 "
-                       "seeds, fine-tuning, LwF, FD and CSD; about 2 minutes on 2 cores). "
+                       "seeds, fine-tuning, FD and CSD; about 2 minutes on 2 cores). "
                        "--full: 5 seeds and every method, joint training included.")
     d.add_argument("--full", action="store_true", help="5 seeds, every method (default "
                    "seeds/methods change to these; --seeds/--methods still win)")

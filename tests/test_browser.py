@@ -19,8 +19,9 @@ needed. Without Chromium or playwright the test skips, except under CI (CI=true)
 fails: .ci/run installs both.
 
 The notebook: $CSD_BROWSER_NOTEBOOK (a file name in notebooks/), else the first of PREFERRED that
-builds a RetrievalExplorer (02: its cells run in about 20 s on 2 cores, training included; 06
-trains every method for 3 seeds, minutes from an empty cache), else any notebook that builds one,
+builds a RetrievalExplorer (02: about 35 s on 2 cores when it trains its three first tasks, less
+when the notebooks ran first and filled the cache; 06 needs every method for 3 seeds, minutes from
+an empty cache), else any notebook that builds one,
 else a two-cell notebook written into the copy (explorer on digits pixels and an untrained net).
 """
 
@@ -48,7 +49,7 @@ NOTEBOOKS = ROOT / "notebooks"
 SHOTS = ROOT / "runs" / "screenshots"
 CHROMIUM = os.environ.get("CSD_CHROMIUM", "/usr/bin/chromium")
 # the first of these that builds an explorer wins (see the module docstring)
-PREFERRED = ["02_first_task.ipynb", "06_many_tasks.ipynb"]
+PREFERRED = ["02_first_task.ipynb", "06_comparison.ipynb"]
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
