@@ -208,20 +208,22 @@ class Claim:
     threshold: float  # the claim holds when measure >= threshold
 
 
-def _worst(c: Course, seeds, f) -> float:
-    """The smallest value of f(seed) over the seeds: a claim that holds for every seed."""
+def _every(seeds, f) -> float:
+    """The smallest f(seed) over the seeds: a claim that must hold in every seed."""
     return float(min(f(s) for s in seeds))
 
 
-def _mean(c: Course, seeds, f) -> float:
+def _average(seeds, f) -> float:
+    """The mean of f(seed) over the seeds: a claim about the seeds together."""
     return float(np.mean([f(s) for s in seeds]))
 
 
 def _kept(c: Course, seeds, method: str) -> float:
     """The share of fine-tuning's first-task drop that `method` avoids, over the seeds (0 when
     fine-tuning dropped nothing: then there was nothing to keep)."""
-    ft = np.mean([c.facts("finetune", s)["drop"] for s in seeds])
-    return float(1 - np.mean([c.facts(method, s)["drop"] for s in seeds]) / ft) if ft > 0 else 0.0
+    ft = _average(seeds, lambda s: c.facts("finetune", s)["drop"])
+    kept = _average(seeds, lambda s: c.facts(method, s)["drop"])
+    return 1 - kept / ft if ft > 0 else 0.0
 
 
 def _ci_low(values) -> float:
@@ -250,78 +252,63 @@ def sign_test(c: Course, a: str, b: str, seeds) -> tuple[int, int, float]:
     return wins, losses_, float(binomtest(wins, wins + losses_).pvalue)
 
 
-def _f(method: str, key: str):
-    return lambda c, s: c.facts(method, s)[key]
+def _gap(c: Course, a: str, b: str, key: str):
+    """seed -> facts(a)[key] - facts(b)[key]."""
+    return lambda s: c.facts(a, s)[key] - c.facts(b, s)[key]
 
 
-def _worst_of(c: Course, seeds, *terms) -> float:
-    """min over seeds of (sum of sign * value(c, seed)) for (sign, value) terms."""
-    return _worst(c, seeds, lambda s: sum(sign * value(c, s) for sign, value in terms))
-
-
-def _mean_of(c: Course, seeds, *terms) -> float:
-    return _mean(c, seeds, lambda s: sum(sign * value(c, s) for sign, value in terms))
-
-
-def _best_pooled_over_raw(c: Course, seeds) -> float:
-    best = max(_mean_of(c, seeds, (1, _f(m, "pooled"))) for m in DISTILLERS)
-    return best - _mean(c, seeds, lambda s: c.raw(s)["raw_all"])
-
-
-def _raw(key):
-    return lambda c, s: c.raw(s)[key]
-
-
-def _base(key):
-    return lambda c, s: c.baselines(s)[key]
+def _best_distiller_minus_raw(c: Course, seeds) -> float:
+    best = max(_average(seeds, lambda s, m=m: c.facts(m, s)["pooled"]) for m in DISTILLERS)
+    return best - _average(seeds, lambda s: c.raw(s)["raw_all"])
 
 
 CLAIMS: dict[str, Claim] = {
     # 01: the data and the protocol (nothing trained)
     "raw_far_above_chance": Claim(
         "01", "raw pixels retrieve at least 10 times above chance over all 40 classes",
-        lambda c, seeds: _worst(c, seeds, lambda s: c.raw(s)["raw_all"] /
-                                c.raw(s)["chance_all"]), 10.0),
+        lambda c, seeds: _every(seeds, lambda s: c.raw(s)["raw_all"] / c.raw(s)["chance_all"]),
+        10.0),
     "raw_harder_with_more_classes": Claim(
         "01", "raw-pixel R@1 falls by at least 0.10 from task 1's classes to all 40 classes",
-        lambda c, seeds: _worst_of(c, seeds, (1, _raw("raw_first")), (-1, _raw("raw_all"))),
+        lambda c, seeds: _every(seeds, lambda s: c.raw(s)["raw_first"] - c.raw(s)["raw_all"]),
         0.10),
     # 02: the first task
     "first_model_good_on_its_classes": Claim(
         "02", "after task 1 the network retrieves task 1's letters with R@1 of at least 0.9",
-        lambda c, seeds: _worst_of(c, seeds, (1, _base("first_model_first"))), 0.9),
+        lambda c, seeds: _every(seeds, lambda s: c.baselines(s)["first_model_first"]), 0.9),
     "first_model_beats_untrained_on_its_classes": Claim(
         "02", "on task 1's letters it beats the untrained network by at least 0.08",
-        lambda c, seeds: _worst_of(c, seeds, (1, _base("first_model_first")),
-                                   (-1, _base("untrained_first"))), 0.08),
+        lambda c, seeds: _every(seeds, lambda s: c.baselines(s)["first_model_first"] -
+                                c.baselines(s)["untrained_first"]), 0.08),
     "first_model_below_raw_on_unseen": Claim(
         "02", "on the 32 letters it never saw, it falls at least 0.05 below raw pixels",
-        lambda c, seeds: _worst_of(c, seeds, (1, _base("raw_unseen")),
-                                   (-1, _base("first_model_unseen"))), 0.05),
+        lambda c, seeds: _every(seeds, lambda s: c.baselines(s)["raw_unseen"] -
+                                c.baselines(s)["first_model_unseen"]), 0.05),
     "first_model_beats_untrained_on_unseen": Claim(
         "02", "on those unseen letters it still beats the untrained network by at least 0.03",
-        lambda c, seeds: _worst_of(c, seeds, (1, _base("first_model_unseen")),
-                                   (-1, _base("untrained_unseen"))), 0.03),
+        lambda c, seeds: _every(seeds, lambda s: c.baselines(s)["first_model_unseen"] -
+                                c.baselines(s)["untrained_unseen"]), 0.03),
     # 03: fine-tuning forgets
     "ft_forgets": Claim(
         "03", "fine-tuning forgets: its first-task R@1 falls by at least 0.08 from task 1 to "
               "task 5, on average over the seeds",
-        lambda c, seeds: _mean_of(c, seeds, (1, _f("finetune", "drop"))), 0.08),
+        lambda c, seeds: _average(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.08),
     "ft_forgets_every_seed": Claim(
         "03", "and it falls in every seed, by at least 0.05",
-        lambda c, seeds: _worst_of(c, seeds, (1, _f("finetune", "drop"))), 0.05),
+        lambda c, seeds: _every(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.05),
     "classification_collapses": Claim(
         "03", "classification forgets completely: old-class accuracy after task 5 is at most "
               "0.05 in every seed",
-        lambda c, seeds: 0.05 + _worst_of(c, seeds, (-1, _f("finetune", "old_acc"))), 0.0),
+        lambda c, seeds: _every(seeds, lambda s: 0.05 - c.facts("finetune", s)["old_acc"]),
+        0.0),
     "retrieval_survives": Claim(
         "03", "retrieval does not: the old tasks' within-task R@1 stays at least 0.6 (5 times "
               "chance) in every seed",
-        lambda c, seeds: _worst_of(c, seeds, (1, _f("finetune", "old_tasks"))), 0.6),
+        lambda c, seeds: _every(seeds, lambda s: c.facts("finetune", s)["old_tasks"]), 0.6),
     "ft_drifts": Claim(
         "03", "fine-tuning moves task 1's classes by at least 0.8 of the distance between two of "
               "them, in every seed",
-        lambda c, seeds: _worst_of(c, seeds, (1, _f("finetune", "drift"))), 0.8),
+        lambda c, seeds: _every(seeds, lambda s: c.facts("finetune", s)["drift"]), 0.8),
     # 04: LwF and feature distillation
     "fd_keeps_half": Claim(
         "04", "feature distillation keeps at least half of fine-tuning's first-task drop",
@@ -329,68 +316,61 @@ CLAIMS: dict[str, Claim] = {
     "fd_beats_lwf_on_task_1": Claim(
         "04", "KD alone keeps less of task 1: FD's first-task R@1 beats LwF's by at least 0.04 "
               "in every seed",
-        lambda c, seeds: _worst_of(c, seeds, (1, _f("fd", "first_final")),
-                                   (-1, _f("lwf", "first_final"))), 0.04),
+        lambda c, seeds: _every(seeds, _gap(c, "fd", "lwf", "first_final")), 0.04),
     "fd_still_learns": Claim(
         "04", "FD learns each new task about as well as fine-tuning (task-matrix diagonal at "
               "most 0.03 lower, every seed)",
-        lambda c, seeds: _worst_of(c, seeds, (1, _f("fd", "new_task")),
-                                   (-1, _f("finetune", "new_task"))), -0.03),
+        lambda c, seeds: _every(seeds, _gap(c, "fd", "finetune", "new_task")), -0.03),
     "fd_moves_less": Claim(
         "04", "FD moves task 1's classes less than fine-tuning, by at least 0.05 class "
               "distances in every seed",
-        lambda c, seeds: _worst_of(c, seeds, (1, _f("finetune", "drift")),
-                                   (-1, _f("fd", "drift"))), 0.05),
+        lambda c, seeds: _every(seeds, _gap(c, "finetune", "fd", "drift")), 0.05),
     # 05: CSD
     "csd_beats_ft": Claim(
         "05", "CSD as Eq. 8 raises the paper's Average over fine-tuning's by at least 0.02, on "
               "average",
-        lambda c, seeds: _mean_of(c, seeds, (1, _f("csd", "task_avg")),
-                                  (-1, _f("finetune", "task_avg"))), 0.02),
+        lambda c, seeds: _average(seeds, _gap(c, "csd", "finetune", "task_avg")), 0.02),
     "official_beats_eq8": Claim(
         "05", "the authors' form beats Eq. 8 on the paper's Average by at least 0.02 on average",
-        lambda c, seeds: _mean_of(c, seeds, (1, _f("csd_official", "task_avg")),
-                                  (-1, _f("csd", "task_avg"))), 0.02),
+        lambda c, seeds: _average(seeds, _gap(c, "csd_official", "csd", "task_avg")), 0.02),
     "official_level_with_fd": Claim(
         "05", "and ends level with FD: their Averages differ by at most 0.04 on average",
-        lambda c, seeds: 0.04 - abs(_mean_of(c, seeds, (1, _f("csd_official", "task_avg")),
-                                             (-1, _f("fd", "task_avg")))), 0.0),
+        lambda c, seeds: 0.04 - abs(_average(seeds, _gap(c, "csd_official", "fd", "task_avg"))),
+        0.0),
     "official_moves_less": Claim(
         "05", "the authors' form moves task 1's classes less than fine-tuning, by at least 0.1 "
               "class distances in every seed",
-        lambda c, seeds: _worst_of(c, seeds, (1, _f("finetune", "drift")),
-                                   (-1, _f("csd_official", "drift"))), 0.1),
+        lambda c, seeds: _every(seeds, _gap(c, "finetune", "csd_official", "drift")), 0.1),
     # 06: the whole comparison
     "joint_beats_raw": Claim(
         "06", "learning matters: joint training's pooled R@1 beats raw pixels' by at least 0.10",
-        lambda c, seeds: _worst_of(c, seeds, (1, _f("joint", "pooled")), (-1, _raw("raw_all"))),
-        0.10),
+        lambda c, seeds: _every(seeds, lambda s: c.facts("joint", s)["pooled"] -
+                                c.raw(s)["raw_all"]), 0.10),
     "ft_below_raw": Claim(
         "06", "fine-tuning ends below raw pixels: pooled R@1 at least 0.08 lower in every seed",
-        lambda c, seeds: _worst_of(c, seeds, (1, _raw("raw_all")), (-1, _f("finetune", "pooled"))),
-        0.08),
+        lambda c, seeds: _every(seeds, lambda s: c.raw(s)["raw_all"] -
+                                c.facts("finetune", s)["pooled"]), 0.08),
     "best_distiller_level_with_raw": Claim(
         "06", "the best distillation method ends at least level with raw pixels (pooled R@1 at "
               "most 0.02 below)",
-        _best_pooled_over_raw, -0.02),
+        _best_distiller_minus_raw, -0.02),
     "best_distiller_beats_ft": Claim(
         "06", "the best distillation method beats fine-tuning on the paper's Average, with a "
               "paired 95% interval above 0",
-        lambda c, seeds: max(_ci_low([c.facts(m, s)["task_avg"] - c.facts("finetune", s)
-                                      ["task_avg"] for s in seeds]) for m in DISTILLERS), 0.0),
+        lambda c, seeds: max(_ci_low([_gap(c, m, "finetune", "task_avg")(s) for s in seeds])
+                             for m in DISTILLERS), 0.0),
     "old_gallery_lost": Claim(
         "06", "no method keeps the old gallery usable: new queries against the first model's "
               "gallery stay below R@1 0.5",
-        lambda c, seeds: 0.5 - max(c.facts(m, s)["compat"] for m in DISTILLERS + ["finetune"]
-                                   for s in seeds), 0.0),
+        lambda c, seeds: min(_every(seeds, lambda s, m=m: 0.5 - c.facts(m, s)["compat"])
+                             for m in ["finetune", *DISTILLERS]), 0.0),
     "fd_compat_beats_ft": Claim(
         "06", "but FD's new model finds it better than fine-tuning's, by at least 0.05 on average",
-        lambda c, seeds: _mean_of(c, seeds, (1, _f("fd", "compat")),
-                                  (-1, _f("finetune", "compat"))), 0.05),
+        lambda c, seeds: _average(seeds, _gap(c, "fd", "finetune", "compat")), 0.05),
     "fd_wins_the_sign_test": Claim(
         "06", "over every task-1 query, FD's final model gets right far more of fine-tuning's "
               "misses than the reverse (sign test p < 0.001)",
-        lambda c, seeds: -np.log10(sign_test(c, "fd", "finetune", seeds)[2]), 3.0),
+        lambda c, seeds: float(-np.log10(sign_test(c, "fd", "finetune", seeds)[2])), 3.0),
 }
 
 
