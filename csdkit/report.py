@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csdkit.train import Config, RunResult, run_grid
+from csdkit.train import Config, RunResult, extract, prepare, run_grid
 
 METRICS = {
     "task_avg_R@1": "the paper's Average: mean over tasks of R@1 within each task's classes, "
@@ -64,7 +64,6 @@ def reference_rows(cfg: Config, seeds: list[int]) -> list[dict]:
     task split and class order."""
     from csdkit.metrics import recall_at_k
     from csdkit.models import resnet
-    from csdkit.train import extract, prepare
 
     rows = []
     for seed in seeds:
