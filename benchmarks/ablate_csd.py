@@ -36,13 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from csdkit import report  # noqa: E402
-from csdkit.train import (  # noqa: E402
-    cache_folder,
-    machine,
-    preset,
-    refuse_existing,
-    write_json,
-)
+from csdkit.runs import cache_folder, machine, refuse_existing, write_json  # noqa: E402
+from csdkit.train import preset  # noqa: E402
 
 ARMS = {
     "finetune": ("finetune", {}),

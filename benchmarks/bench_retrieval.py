@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from csdkit import metrics  # noqa: E402
-from csdkit.train import refuse_existing, write_json  # noqa: E402
+from csdkit.runs import refuse_existing, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

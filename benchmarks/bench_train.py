@@ -41,14 +41,8 @@ from csdkit.data import (  # noqa: E402
     normalize,
 )
 from csdkit.models import ResNet, resnet  # noqa: E402
-from csdkit.train import (  # noqa: E402
-    Config,
-    batch_loss,
-    cpu_name,
-    refuse_existing,
-    speed_options,
-    write_json,
-)
+from csdkit.runs import cpu_name, refuse_existing, write_json  # noqa: E402
+from csdkit.train import Config, batch_loss, speed_options  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]

@@ -48,7 +48,7 @@ def child(threads: int) -> None:
         for name, claim in course.CLAIMS.items():
             value = claim.measure(c, seeds)
             print(json.dumps({"claim": name, "seeds": seeds, "value": value,
-                              "machine": course.train.machine(torch.device("cpu")),
+                              "machine": course.machine(torch.device("cpu")),
                               "capability": torch.backends.cpu.get_cpu_capability()}),
                   flush=True)
 
@@ -65,7 +65,7 @@ def main() -> None:
     if a.child is not None:
         return child(a.child)
     from csdkit import course
-    from csdkit.train import refuse_existing, write_json
+    from csdkit.runs import refuse_existing, write_json
 
     refuse_existing(a.out)
     start, rows = time.perf_counter(), []

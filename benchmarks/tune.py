@@ -31,16 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from csdkit.metrics import recall_at_k  # noqa: E402
-from csdkit.train import (  # noqa: E402
-    RunResult,
-    cache_folder,
-    machine,
-    prepare,
-    preset,
-    refuse_existing,
-    run_grid,
-    write_json,
-)
+from csdkit.runs import cache_folder, machine, refuse_existing, run_grid, write_json  # noqa: E402
+from csdkit.train import RunResult, prepare, preset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DISTILLERS = ["lwf", "fd", "csd", "csd_official"]

@@ -2,9 +2,10 @@
 Distillation (Barletti et al., ICIAP 2021).
 
 Modules, one idea each: data (datasets, task splits, augmentation), models (CIFAR ResNet,
-growing cosine classifier), losses (CE is torch's; triplet, KD, FD, CSD), metrics (Recall@K,
-mAP, task matrix), train (config, presets, training, checkpoints), report (tables, figures),
-cli (`python -m csdkit demo | run`).
+growing cosine classifier, features), losses (triplet, KD, FD, CSD), metrics (Recall@K, mAP),
+train (config, presets, one task, a whole run), runs (identity, checkpoints, the run cache),
+report (tables, figures), course (the notebooks' setup and claims), drift and widgets (UMAP
+maps, the retrieval explorer), cli (`python -m csdkit demo | run`).
 """
 
 __version__ = "0.1.0"

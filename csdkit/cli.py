@@ -11,25 +11,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from csdkit.course import METHODS as FULL  # --full: every method the course trains
 from csdkit.data import DATASETS
-from csdkit.train import (
-    METHODS,
-    PRESETS,
-    cache_folder,
-    machine,
-    precision,
-    prepare,
-    preset,
-    resolve_device,
-    run,
-    run_id,
-    run_identity,
-    run_name,
-    write_json,
-)
+from csdkit.runs import cache_folder, machine, run_id, run_identity, run_name, write_json
+from csdkit.train import METHODS, PRESETS, precision, prepare, preset, resolve_device, run
 
 QUICK_LOOK = ["finetune", "fd", "csd"]  # the default demo: about 2 minutes on 2 cores
-FULL = ["finetune", "lwf", "fd", "csd", "csd_official", "joint"]  # --full
 DEMO_PAIRS = [("fd", "finetune"), ("lwf", "finetune"), ("csd", "finetune"),
               ("csd_official", "finetune"), ("csd", "lwf"), ("csd", "fd"), ("csd_official", "fd"),
               ("csd_official", "csd")]
@@ -39,23 +26,25 @@ DEMO_METRICS = ("task_avg_R@1", "first_task_R@1")
 def demo(preset_name: str, seeds: list[int], methods: list[str], out: Path, workers: int,
          cache: Path = Path("runs/cache"), **overrides) -> Path:
     """Train `methods` over `seeds` with a preset, print mean ± std tables, paired differences
-    and write them under out/<preset>-<dataset>-<id>/ (id: the configuration, seeds and
-    methods, so another configuration never overwrites these results); runs are cached in
-    `cache` (see csdkit.train.cache_folder), shared with the notebooks. Returns the results
-    folder."""
+    and write them under out/<preset>-<dataset>-<id>/ (id: the configuration, seeds, methods,
+    torch release and machine, so neither another configuration nor another machine ever
+    overwrites these results); runs are cached in `cache` (see csdkit.runs.cache_folder),
+    shared with the notebooks. Returns the results folder."""
     from csdkit import report
 
     cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
     cfg.check()
     data = prepare(cfg.replace(seed=seeds[0]))  # also builds and caches the data once
-    folder = out / f"{preset_name}-{cfg.dataset}-" \
-        f"{run_id({'runs': run_identity(cfg, '+'.join(methods), data[0]), 'seeds': seeds})}"
+    device = resolve_device(cfg.device)
+    cache = cache_folder(cache, device)  # its name holds the torch release and the machine
+    what = {"cache": cache.name, "seeds": seeds,
+            "runs": run_identity(cfg, "+".join(methods), data[0])}
+    folder = out / f"{preset_name}-{cfg.dataset}-{run_id(what)}"
     print(f"demo: {', '.join(methods)} on {cfg.dataset} ({cfg.n_tasks} tasks, ResNet-"
           f"{cfg.depth}, {cfg.epochs} epochs a task), seeds {seeds}: {len(methods) * len(seeds)} "
           f"runs, {workers} at a time, one thread each", flush=True)
     start = time.perf_counter()
-    results, rows = report.compare(cfg, {m: (m, {}) for m in methods}, seeds,
-                                   cache_folder(cache, resolve_device(cfg.device)), workers)
+    results, rows = report.compare(cfg, {m: (m, {}) for m in methods}, seeds, cache, workers)
     wall = time.perf_counter() - start
     rows += report.reference_rows(cfg, seeds)
     table = report.summary(rows, ["raw pixels", "untrained net", *methods])
@@ -86,11 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="compare methods over seeds on the embedded data (CPU)",
-                       description="Train methods over several seeds with a preset; print mean "
-                       "± std tables and paired differences; write results.json, CSVs and "
-                       "figures under --out. Default: a quick look (the course protocol, 3 "
-                       "seeds, fine-tuning, FD and CSD; about 2 minutes on 2 cores). "
-                       "--full: 5 seeds and every method, joint training included.")
+                       description="Train methods over seeds with a preset; print mean ± std "
+                       "tables and paired differences; write results.json, CSVs and figures "
+                       "under --out. Default: the course protocol, 3 seeds, fine-tuning, FD and "
+                       "CSD. --full: 5 seeds and every method, joint training included.")
     d.add_argument("--full", action="store_true", help="5 seeds, every method (default "
                    "seeds/methods change to these; --seeds/--methods still win)")
     d.add_argument("--preset", choices=["course", "quick"], default="course",
@@ -110,13 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--tasks", type=int, help="override the number of tasks")
 
     r = sub.add_parser("run", help="train one method on one dataset (real runs, GPU if present)",
-                       description="Train one method task after task, evaluate after each task, "
-                       "write a checkpoint per task and result.json under --out. An "
-                       "interrupted run resumes from its last finished task.")
+                       description="Train one method task after task, evaluate after each, "
+                       "write a checkpoint per task and result.json; resumes when interrupted.")
     r.add_argument("--preset", choices=list(PRESETS), default="quick",
-                   help="quick: digits, seconds per task on a CPU; course: glyphs, the "
-                   "notebooks' protocol; paper: the authors' CIFAR-100 protocol (800 epochs "
-                   "a task, natural class order)")
+                   help="quick: digits, seconds a task on a CPU; course: glyphs, the notebooks' "
+                   "protocol; paper: the authors' CIFAR-100 protocol (800 epochs a task)")
     r.add_argument("--method", choices=list(METHODS), default="csd")
     r.add_argument("--dataset", choices=DATASETS, help="overrides the preset's dataset")
     r.add_argument("--data-root", help="where datasets are downloaded/cached (default data/)")
@@ -124,9 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks", type=int, help="number of equal tasks")
     r.add_argument("--first-task", type=int, help="classes in the first task (with --increment)")
     r.add_argument("--increment", type=int, help="classes per later task")
-    r.add_argument("--class-order", help="natural (0..n-1, the authors' CIFAR-100 order), "
-                   "icarl (numpy seed 1993, the literature's), seed, or a comma-separated "
-                   "permutation")
+    r.add_argument("--class-order", help="natural (0..n-1, the authors'), icarl (numpy seed "
+                   "1993), seed, or a comma-separated permutation")
     r.add_argument("--depth", type=int, help="ResNet depth 6n+2: 8, 14, 20, 32, 44, 56")
     r.add_argument("--epochs", type=int, help="epochs per task")
     r.add_argument("--batch-size", type=int)

@@ -5,11 +5,9 @@
     runs = c.runs(["finetune", "fd"])        # {method: [RunResult per seed]}, cached
     course.claim("fine-tuning forgets", drop >= 0.10, drop=drop)
 
-Training happens in worker processes, one torch thread each (two at a time on a 2-core
-machine): on a CPU a run's last digits depend on its thread count, so they never depend on how
-many workers there are. Finished runs are cached under runs/cache/, in a folder per torch
-version and machine (runs trained on another CPU are not mixed in), named by each run's
-identity (config, method, data): a changed parameter trains anew, never reuses.
+Training happens in worker processes, one torch thread each (a run's last digits depend on
+its thread count, so never on how many workers there are). Finished runs are cached under
+runs/cache/ per torch release and machine, named by identity (see csdkit.runs).
 """
 
 from __future__ import annotations
@@ -23,21 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
-from csdkit import metrics, train
+from csdkit import metrics
 from csdkit.data import Dataset, ImageSet, TaskSplit
-from csdkit.models import ResNet, resnet
-from csdkit.train import (
-    Config,
-    RunResult,
-    extract,
-    first_name,
-    load_checkpoint,
-    prepare,
-    preset,
-    run_grid,
-    run_name,
-)
+from csdkit.drift import drift_ratio
+from csdkit.models import ResNet, extract, resnet
+from csdkit.report import t_interval
+from csdkit.runs import cache_folder, first_name, load_checkpoint, machine, run_grid, run_name
+from csdkit.train import Config, RunResult, prepare, preset, resolve_device
 
 #: The seeds every notebook trains: three, so that no finding rests on one run.
 SEEDS = (0, 1, 2)
@@ -153,29 +145,28 @@ class Course:
         return self._cached(("baselines", seed), compute)
 
     def facts(self, method: str, seed: int) -> dict[str, float]:
-        """A run's numbers: from its task matrix, plus how far task 1's classes moved in
-        feature space (drift_ratio, first model -> final model) and how well the final model's
-        queries find the first model's gallery of task 1's test images (compat_R@1)."""
+        """A run's numbers: from its task matrix (first_task_* within task 1's classes, after
+        task 1 and after the last; new_task the mean of its diagonal; old_tasks_final tasks
+        1..T-1 after the last), how far task 1's classes moved in feature space (drift_ratio,
+        first model -> final model) and how well the final model's queries find the first
+        model's gallery of task 1's test images (old_gallery_R1)."""
         def compute() -> dict[str, float]:
-            from csdkit.drift import drift_ratio
-
             r = self.runs([method], (seed,))[method][0]
             R = np.asarray(r.recall, dtype=float)
             out = {"task_avg": r.task_average_recall, "pooled": r.final_recall,
-                   "first_final": R[-1, 0], "old_acc": r.old_accuracy[-1]}
+                   "first_task_final": R[-1, 0], "old_class_accuracy": r.old_accuracy[-1]}
             if method == "joint":
                 return out
             first = self.parts(seed)["first"]
             old = self.features(self.first_models((seed,))[0], first.images, seed)
             new = self.features(self.model(method, seed), first.images, seed)
-            out.update(first_after_1=R[0, 0], drop=R[0, 0] - R[-1, 0],
+            out.update(first_task_after_1=R[0, 0], drop=R[0, 0] - R[-1, 0],
                        new_task=float(np.mean(np.diag(R))),
-                       old_tasks=float(np.mean(R[-1, :-1])),
+                       old_tasks_final=float(np.mean(R[-1, :-1])),
                        drift=drift_ratio(old, new, first.labels),
-                       compat=metrics.recall_at_k(new, first.labels, gallery=old))
+                       old_gallery_R1=metrics.recall_at_k(new, first.labels, gallery=old))
             return out
         return self._cached(("facts", method, seed), compute)
-
 
     def replace(self, **changes) -> Course:
         """The same course with other settings (e.g. lr_later=1e-3, for an exercise), sharing
@@ -191,9 +182,8 @@ class Course:
 
 
 # --------------------------------------------------------------------------------------------
-# The course's claims. Each is a statement, a measurement over the notebook's seeds and the
-# threshold it must reach. benchmarks/calibrate_claims.py measures every one on every 3 of
-# seeds 0-4, on three CPU settings and two thread counts, and reports each one's worst case.
+# The course's claims: a statement, a measurement over the notebook's seeds and the threshold
+# it must reach (benchmarks/calibrate_claims.py measures them over many seeds and CPUs).
 
 #: What the course trains (notebooks 03-06).
 METHODS = ["finetune", "lwf", "fd", "csd", "csd_official", "joint"]
@@ -208,37 +198,34 @@ class Claim:
     threshold: float  # the claim holds when measure >= threshold
 
 
-def _every(seeds, f) -> float:
-    """The smallest f(seed) over the seeds: a claim that must hold in every seed."""
-    return float(min(f(s) for s in seeds))
+def worst_seed(seeds, f) -> float:
+    """The smallest f(seed) over the seeds, for a claim that must hold in every seed. A NaN in
+    any seed gives NaN, which fails every claim (Python's min would skip it)."""
+    return float(np.min([f(s) for s in seeds]))
 
 
-def _average(seeds, f) -> float:
+def seed_mean(seeds, f) -> float:
     """The mean of f(seed) over the seeds: a claim about the seeds together."""
     return float(np.mean([f(s) for s in seeds]))
 
 
-def _kept(c: Course, seeds, method: str) -> float:
+def share_of_drop_avoided(c: Course, seeds, method: str) -> float:
     """The share of fine-tuning's first-task drop that `method` avoids, over the seeds (0 when
     fine-tuning dropped nothing: then there was nothing to keep)."""
-    ft = _average(seeds, lambda s: c.facts("finetune", s)["drop"])
-    kept = _average(seeds, lambda s: c.facts(method, s)["drop"])
+    ft = seed_mean(seeds, lambda s: c.facts("finetune", s)["drop"])
+    kept = seed_mean(seeds, lambda s: c.facts(method, s)["drop"])
     return 1 - kept / ft if ft > 0 else 0.0
 
 
-def _ci_low(values) -> float:
+def interval_low(values) -> float:
     """Lower end of the 95% t-interval of the mean (the paired interval of the demo)."""
-    from csdkit.report import _t_interval
-
-    return float(_t_interval(np.asarray(values, dtype=float), 0.95)[0])
+    return float(t_interval(np.asarray(values, dtype=float), 0.95)[0])
 
 
 def sign_test(c: Course, a: str, b: str, seeds) -> tuple[int, int, float]:
     """Over every test query of task 1's classes (all seeds pooled), how many the final model of
     `a` gets right (R@1, within task 1) and `b` wrong, the reverse, and the two-sided binomial
     (sign test) p-value of that split: evidence from every query, not from a picked one."""
-    from scipy.stats import binomtest
-
     wins = losses_ = 0
     for s in seeds:
         first = c.parts(s)["first"]
@@ -252,103 +239,106 @@ def sign_test(c: Course, a: str, b: str, seeds) -> tuple[int, int, float]:
     return wins, losses_, float(binomtest(wins, wins + losses_).pvalue)
 
 
-def _gap(c: Course, a: str, b: str, key: str):
+def difference(c: Course, a: str, b: str, key: str):
     """seed -> facts(a)[key] - facts(b)[key]."""
     return lambda s: c.facts(a, s)[key] - c.facts(b, s)[key]
 
 
 def _best_distiller_minus_raw(c: Course, seeds) -> float:
-    best = max(_average(seeds, lambda s, m=m: c.facts(m, s)["pooled"]) for m in DISTILLERS)
-    return best - _average(seeds, lambda s: c.raw(s)["raw_all"])
+    best = max(seed_mean(seeds, lambda s, m=m: c.facts(m, s)["pooled"]) for m in DISTILLERS)
+    return best - seed_mean(seeds, lambda s: c.raw(s)["raw_all"])
 
 
 CLAIMS: dict[str, Claim] = {
     # 01: the data and the protocol (nothing trained)
     "raw_far_above_chance": Claim(
         "01", "raw pixels retrieve at least 10 times above chance over all 40 classes",
-        lambda c, seeds: _every(seeds, lambda s: c.raw(s)["raw_all"] / c.raw(s)["chance_all"]),
+        lambda c, seeds: worst_seed(seeds, lambda s: c.raw(s)["raw_all"] / c.raw(s)["chance_all"]),
         10.0),
     "raw_harder_with_more_classes": Claim(
         "01", "raw-pixel R@1 falls by at least 0.10 from task 1's classes to all 40 classes",
-        lambda c, seeds: _every(seeds, lambda s: c.raw(s)["raw_first"] - c.raw(s)["raw_all"]),
+        lambda c, seeds: worst_seed(seeds, lambda s: c.raw(s)["raw_first"] - c.raw(s)["raw_all"]),
         0.10),
     # 02: the first task
     "first_model_good_on_its_classes": Claim(
         "02", "after task 1 the network retrieves task 1's letters with R@1 of at least 0.9",
-        lambda c, seeds: _every(seeds, lambda s: c.baselines(s)["first_model_first"]), 0.9),
+        lambda c, seeds: worst_seed(seeds, lambda s: c.baselines(s)["first_model_first"]), 0.9),
     "first_model_beats_untrained_on_its_classes": Claim(
         "02", "on task 1's letters it beats the untrained network by at least 0.08",
-        lambda c, seeds: _every(seeds, lambda s: c.baselines(s)["first_model_first"] -
+        lambda c, seeds: worst_seed(seeds, lambda s: c.baselines(s)["first_model_first"] -
                                 c.baselines(s)["untrained_first"]), 0.08),
     "first_model_below_raw_on_unseen": Claim(
         "02", "on the 32 letters it never saw, it falls at least 0.05 below raw pixels",
-        lambda c, seeds: _every(seeds, lambda s: c.baselines(s)["raw_unseen"] -
+        lambda c, seeds: worst_seed(seeds, lambda s: c.baselines(s)["raw_unseen"] -
                                 c.baselines(s)["first_model_unseen"]), 0.05),
     "first_model_beats_untrained_on_unseen": Claim(
         "02", "on those unseen letters it still beats the untrained network by at least 0.03",
-        lambda c, seeds: _every(seeds, lambda s: c.baselines(s)["first_model_unseen"] -
+        lambda c, seeds: worst_seed(seeds, lambda s: c.baselines(s)["first_model_unseen"] -
                                 c.baselines(s)["untrained_unseen"]), 0.03),
     # 03: fine-tuning forgets
     "ft_forgets": Claim(
         "03", "fine-tuning forgets: its first-task R@1 falls by at least 0.08 from task 1 to "
               "task 5, on average over the seeds",
-        lambda c, seeds: _average(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.08),
+        lambda c, seeds: seed_mean(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.08),
     "ft_forgets_every_seed": Claim(
         "03", "and it falls in every seed, by at least 0.05",
-        lambda c, seeds: _every(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.05),
+        lambda c, seeds: worst_seed(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.05),
     "classification_collapses": Claim(
         "03", "classification forgets completely: old-class accuracy after task 5 is at most "
               "0.05 in every seed",
-        lambda c, seeds: _every(seeds, lambda s: 0.05 - c.facts("finetune", s)["old_acc"]),
-        0.0),
+        lambda c, seeds: worst_seed(
+            seeds, lambda s: 0.05 - c.facts("finetune", s)["old_class_accuracy"]), 0.0),
     "retrieval_survives": Claim(
         "03", "retrieval does not: the old tasks' within-task R@1 stays at least 0.6 (5 times "
               "chance) in every seed",
-        lambda c, seeds: _every(seeds, lambda s: c.facts("finetune", s)["old_tasks"]), 0.6),
+        lambda c, seeds: worst_seed(seeds, lambda s: c.facts("finetune", s)["old_tasks_final"]),
+        0.6),
     "ft_drifts": Claim(
         "03", "fine-tuning moves task 1's classes by at least 0.8 of the distance between two of "
               "them, in every seed",
-        lambda c, seeds: _every(seeds, lambda s: c.facts("finetune", s)["drift"]), 0.8),
+        lambda c, seeds: worst_seed(seeds, lambda s: c.facts("finetune", s)["drift"]), 0.8),
     # 04: LwF and feature distillation
     "fd_keeps_half": Claim(
         "04", "feature distillation keeps at least half of fine-tuning's first-task drop",
-        lambda c, seeds: _kept(c, seeds, "fd"), 0.5),
+        lambda c, seeds: share_of_drop_avoided(c, seeds, "fd"), 0.5),
     "fd_beats_lwf_on_task_1": Claim(
         "04", "KD alone keeps less of task 1: FD's first-task R@1 beats LwF's by at least 0.04 "
               "in every seed",
-        lambda c, seeds: _every(seeds, _gap(c, "fd", "lwf", "first_final")), 0.04),
+        lambda c, seeds: worst_seed(seeds, difference(c, "fd", "lwf", "first_task_final")), 0.04),
     "fd_still_learns": Claim(
         "04", "FD learns each new task about as well as fine-tuning (task-matrix diagonal at "
               "most 0.03 lower, every seed)",
-        lambda c, seeds: _every(seeds, _gap(c, "fd", "finetune", "new_task")), -0.03),
+        lambda c, seeds: worst_seed(seeds, difference(c, "fd", "finetune", "new_task")), -0.03),
     "fd_moves_less": Claim(
         "04", "FD moves task 1's classes less than fine-tuning, by at least 0.05 class "
               "distances in every seed",
-        lambda c, seeds: _every(seeds, _gap(c, "finetune", "fd", "drift")), 0.05),
+        lambda c, seeds: worst_seed(seeds, difference(c, "finetune", "fd", "drift")), 0.05),
     # 05: CSD
     "csd_beats_ft": Claim(
         "05", "CSD as Eq. 8 raises the paper's Average over fine-tuning's by at least 0.02, on "
               "average",
-        lambda c, seeds: _average(seeds, _gap(c, "csd", "finetune", "task_avg")), 0.02),
+        lambda c, seeds: seed_mean(seeds, difference(c, "csd", "finetune", "task_avg")), 0.02),
     "official_beats_eq8": Claim(
         "05", "the authors' form beats Eq. 8 on the paper's Average by at least 0.02 on average",
-        lambda c, seeds: _average(seeds, _gap(c, "csd_official", "csd", "task_avg")), 0.02),
+        lambda c, seeds: seed_mean(seeds, difference(c, "csd_official", "csd", "task_avg")), 0.02),
     "official_level_with_fd": Claim(
         "05", "and ends level with FD: their Averages differ by at most 0.04 on average",
-        lambda c, seeds: 0.04 - abs(_average(seeds, _gap(c, "csd_official", "fd", "task_avg"))),
+        lambda c, seeds: 0.04 - abs(seed_mean(seeds,
+                                              difference(c, "csd_official", "fd", "task_avg"))),
         0.0),
     "official_moves_less": Claim(
         "05", "the authors' form moves task 1's classes less than fine-tuning, by at least 0.1 "
               "class distances in every seed",
-        lambda c, seeds: _every(seeds, _gap(c, "finetune", "csd_official", "drift")), 0.1),
+        lambda c, seeds: worst_seed(seeds, difference(c, "finetune", "csd_official", "drift")),
+        0.1),
     # 06: the whole comparison
     "joint_beats_raw": Claim(
         "06", "learning matters: joint training's pooled R@1 beats raw pixels' by at least 0.10",
-        lambda c, seeds: _every(seeds, lambda s: c.facts("joint", s)["pooled"] -
+        lambda c, seeds: worst_seed(seeds, lambda s: c.facts("joint", s)["pooled"] -
                                 c.raw(s)["raw_all"]), 0.10),
     "ft_below_raw": Claim(
         "06", "fine-tuning ends below raw pixels: pooled R@1 at least 0.08 lower in every seed",
-        lambda c, seeds: _every(seeds, lambda s: c.raw(s)["raw_all"] -
+        lambda c, seeds: worst_seed(seeds, lambda s: c.raw(s)["raw_all"] -
                                 c.facts("finetune", s)["pooled"]), 0.08),
     "best_distiller_level_with_raw": Claim(
         "06", "the best distillation method ends at least level with raw pixels (pooled R@1 at "
@@ -357,16 +347,16 @@ CLAIMS: dict[str, Claim] = {
     "best_distiller_beats_ft": Claim(
         "06", "the best distillation method beats fine-tuning on the paper's Average, with a "
               "paired 95% interval above 0",
-        lambda c, seeds: max(_ci_low([_gap(c, m, "finetune", "task_avg")(s) for s in seeds])
-                             for m in DISTILLERS), 0.0),
+        lambda c, seeds: max(interval_low([difference(c, m, "finetune", "task_avg")(s)
+                                           for s in seeds]) for m in DISTILLERS), 0.0),
     "old_gallery_lost": Claim(
         "06", "no method keeps the old gallery usable: new queries against the first model's "
               "gallery stay below R@1 0.5",
-        lambda c, seeds: min(_every(seeds, lambda s, m=m: 0.5 - c.facts(m, s)["compat"])
+        lambda c, seeds: min(worst_seed(seeds, lambda s, m=m: 0.5 - c.facts(m, s)["old_gallery_R1"])
                              for m in ["finetune", *DISTILLERS]), 0.0),
     "fd_compat_beats_ft": Claim(
         "06", "but FD's new model finds it better than fine-tuning's, by at least 0.05 on average",
-        lambda c, seeds: _average(seeds, _gap(c, "fd", "finetune", "compat")), 0.05),
+        lambda c, seeds: seed_mean(seeds, difference(c, "fd", "finetune", "old_gallery_R1")), 0.05),
     "fd_wins_the_sign_test": Claim(
         "06", "over every task-1 query, FD's final model gets right far more of fine-tuning's "
               "misses than the reverse (sign test p < 0.001)",
@@ -374,14 +364,8 @@ CLAIMS: dict[str, Claim] = {
 }
 
 
-def setup(
-    dataset: str | None = None,
-    epochs: int | None = None,
-    seeds: tuple[int, ...] = SEEDS,
-    device: str = "cpu",
-    quiet: bool = False,
-    preset_name: str = "course",
-) -> Course:
+def setup(dataset: str | None = None, epochs: int | None = None, seeds: tuple[int, ...] = SEEDS,
+          device: str = "cpu", quiet: bool = False, preset_name: str = "course") -> Course:
     """Everything a notebook needs before it teaches: checks the install, seeds Python, NumPy
     and torch, and opens the run cache. `dataset`/`epochs` override the preset's (e.g.
     dataset="digits", the fastest; preset_name="paper" for CIFAR-100). Prints the machine in
@@ -404,18 +388,16 @@ def setup(
     plt.rcParams.update({"figure.dpi": 80, "axes.titlesize": 11})
 
     root = repository_root()
-    cfg = preset(preset_name).replace(seed=seeds[0], device=device, data_root=str(root / "data"))
-    if dataset is not None:
-        cfg = cfg.replace(dataset=dataset)
-    if epochs is not None:
-        cfg = cfg.replace(epochs=epochs)
+    cfg = preset(preset_name, dataset).replace(seed=seeds[0], device=device,
+                                               data_root=str(root / "data"))
+    cfg = cfg if epochs is None else cfg.replace(epochs=epochs)
     # Runs are cached per machine: another CPU (or the same one emulating another, as the
     # notebook tests do), another torch or another GPU computes other last digits.
-    where = train.resolve_device(device)
-    c = Course(cfg, tuple(seeds), train.cache_folder(root / "runs" / "cache", where),
-               workers=min(2, cores) if where.type == "cpu" else 1)
+    target = resolve_device(device)
+    c = Course(cfg, tuple(seeds), cache_folder(root / "runs" / "cache", target),
+               workers=min(2, cores) if target.type == "cpu" else 1)
     if not quiet:
-        print(f"torch {torch.__version__} on {train.machine(where)}, CPU capability "
+        print(f"torch {torch.__version__} on {machine(target)}, CPU capability "
               f"{torch.backends.cpu.get_cpu_capability()}; {cores} cores: {c.workers} run(s) "
               f"trained at a time, one thread each; runs cached in {c.cache}")
     return c

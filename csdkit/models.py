@@ -12,9 +12,13 @@ cosine retrieval. It grows when a task brings new classes and keeps the old rows
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from csdkit.data import channel_stats, normalize
 
 
 class BasicBlock(nn.Module):
@@ -114,3 +118,31 @@ def resnet(depth: int = 32, n_classes: int = 10) -> ResNet:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def progress_bar(iterable, quiet: bool, **kwargs):
+    """tqdm.auto: a widget in Jupyter, a text bar in a terminal, nothing when quiet or on CI."""
+    from tqdm.auto import tqdm
+
+    on_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    return tqdm(iterable, disable=quiet or on_ci, leave=False, **kwargs)
+
+
+@torch.no_grad()
+def extract(
+    model: ResNet, images: torch.Tensor, mean, std, batch_size: int = 512, quiet: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode features [N, 64] and logits [N, C] for uint8 images [N, 3, H, W], on the
+    model's device. The model's train/eval mode is restored afterwards. quiet=False shows a
+    progress bar (worth it for big galleries)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    mean, std = channel_stats(mean, std, device)
+    feats, logits = [], []
+    for i in progress_bar(range(0, len(images), batch_size), quiet, desc="features"):
+        z, f = model(normalize(images[i : i + batch_size].to(device), mean, std))
+        feats.append(f.float())
+        logits.append(z.float())
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(logits)

@@ -6,9 +6,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from scipy import stats
 
-from csdkit.train import Config, RunResult, extract, prepare, run_grid
+from csdkit.metrics import forgetting, recall_at_k
+from csdkit.models import extract, resnet
+from csdkit.runs import run_grid
+from csdkit.train import Config, RunResult, prepare
 
 METRICS = {
     "task_avg_R@1": "the paper's Average: mean over tasks of R@1 within each task's classes, "
@@ -24,27 +29,20 @@ METRICS = {
 
 def run_row(r: RunResult) -> dict:
     """The scalar numbers of one run (METRICS, plus method, seed and training seconds)."""
-    from csdkit.metrics import forgetting
-
     R = np.asarray(r.recall, dtype=float)
     continual = len(R) > 1  # joint has one row: nothing to forget
-    return {
-        "method": r.method,
-        "seed": r.identity["seed"],
-        "task_avg_R@1": r.task_average_recall,
-        "pooled_R@1": r.final_recall,
-        "first_task_R@1": r.first_task_recall,
-        "first_task_drop": R[0, 0] - R[-1, 0] if continual else float("nan"),
-        "forgetting": float(np.mean(forgetting(R))) if continual else float("nan"),
-        "old_acc": r.old_accuracy[-1],
-        "final_mAP": r.seen_map[-1],
-        "seconds": float(sum(r.seconds)),
-    }
+    nan = float("nan")
+    return {"method": r.method, "seed": r.identity["seed"], "task_avg_R@1": r.task_average_recall,
+            "pooled_R@1": r.final_recall, "first_task_R@1": r.first_task_recall,
+            "first_task_drop": R[0, 0] - R[-1, 0] if continual else nan,
+            "forgetting": float(np.mean(forgetting(R))) if continual else nan,
+            "old_acc": r.old_accuracy[-1], "final_mAP": r.seen_map[-1],
+            "seconds": float(sum(r.seconds))}
 
 
 def compare(base: Config, arms: dict[str, tuple[str, dict]], seeds: list[int],
             runs_folder: str | Path, workers: int = 2) -> tuple[list[RunResult], list[dict]]:
-    """Train every arm for every seed (cached in `runs_folder`, see csdkit.train.run_grid) and
+    """Train every arm for every seed (cached in `runs_folder`, see csdkit.runs.run_grid) and
     return the results and one row per run (run_row, its "method" being the arm's label).
 
     arms: label -> (method, config changes), e.g. {"csd tau=1": ("csd", {"csd_temperature":
@@ -62,9 +60,6 @@ def reference_rows(cfg: Config, seeds: list[int]) -> list[dict]:
     """Two rows a reader should see beside trained models: raw pixels (cosine R@1 on the
     pixels) and an untrained network (random ResNet features), on each seed's test images,
     task split and class order."""
-    from csdkit.metrics import recall_at_k
-    from csdkit.models import resnet
-
     rows = []
     for seed in seeds:
         data, split = prepare(cfg.replace(seed=seed))
@@ -83,8 +78,6 @@ def reference_rows(cfg: Config, seeds: list[int]) -> list[dict]:
 
 def summary(rows: list[dict], order: list[str] | None = None):
     """pandas DataFrame: one line per method, 'mean ± std' over seeds for each metric."""
-    import pandas as pd
-
     df = pd.DataFrame(rows)
     order = order or list(dict.fromkeys(df["method"]))
     out = []
@@ -99,10 +92,8 @@ def summary(rows: list[dict], order: list[str] | None = None):
     return pd.DataFrame(out).set_index("method")
 
 
-def _t_interval(d: np.ndarray, confidence: float) -> tuple[float, float]:
+def t_interval(d: np.ndarray, confidence: float) -> tuple[float, float]:
     """Student-t interval of the mean of d (NaN with fewer than 2 values)."""
-    from scipy import stats
-
     if len(d) < 2:
         return float("nan"), float("nan")
     half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
@@ -119,22 +110,21 @@ def paired_differences(rows: list[dict], pairs: list[tuple[str, str]], metric: s
     Bonferroni correction for a `family` of that many intervals (confidence 1 - 0.05/family):
     a difference marked there holds even when all the family's intervals are read together.
     Returns a DataFrame, one line per pair."""
-    import pandas as pd
-
     df = pd.DataFrame(rows)
     out = []
     for a, b in pairs:
         da = df[df.method == a].set_index("seed")[metric]
         db = df[df.method == b].set_index("seed")[metric]
         d = (da - db).dropna()
-        n = len(d)
-        lo, hi = _t_interval(d.to_numpy(), confidence)
-        lo_all, hi_all = _t_interval(d.to_numpy(), 1 - (1 - confidence) / family)
-        out.append({"difference": f"{a} - {b}", "metric": metric, "seeds": n,
+        lo, hi = t_interval(d.to_numpy(), confidence)
+        lo_all, hi_all = t_interval(d.to_numpy(), 1 - (1 - confidence) / family)
+        out.append({"difference": f"{a} - {b}", "metric": metric, "seeds": len(d),
                     "mean": round(d.mean(), 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
                     "beyond_noise": bool(lo > 0 or hi < 0),
                     "beyond_noise_all": bool(lo_all > 0 or hi_all < 0)})
-    return pd.DataFrame(out).set_index("difference")
+    columns = ["difference", "metric", "seeds", "mean", "ci_low", "ci_high", "beyond_noise",
+               "beyond_noise_all"]  # named, so that no pairs gives an empty table, not an error
+    return pd.DataFrame(out, columns=columns).set_index("difference")
 
 
 #: The colour scale of every task-matrix heatmap in the kit, so pictures compare across runs.
@@ -172,7 +162,6 @@ def plot_recall_curves(results: list[RunResult], path: str | Path | None = None)
     """R@1 pooled over all seen classes after each task: the mean over seeds, and a band that is
     seaborn's 95% bootstrap interval of that mean (not the paired t-interval of the tables)."""
     import matplotlib.pyplot as plt
-    import pandas as pd
     import seaborn as sns
 
     long = []

@@ -14,12 +14,13 @@ from csdkit.cli import main
 
 def test_demo_writes_tables_and_figures_and_never_overwrites_another_demo(tmp_path, capsys):
     args = ["demo", "--preset", "quick", "--seeds", "2", "--methods", "finetune", "csd",
-            "--epochs", "1", "--tasks", "2", "--workers", "1", "--out", str(tmp_path)]
+            "--epochs", "1", "--tasks", "2", "--workers", "1", "--cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "demo")]
     main(args)
     out = capsys.readouterr().out
     assert "raw pixels" in out and "untrained net" in out and "csd - finetune" in out
     assert "Bonferroni" in out and "beyond_noise_all" in out
-    (folder,) = [p for p in tmp_path.iterdir() if p.name != "runs"]
+    (folder,) = (tmp_path / "demo").iterdir()
     assert folder.name.startswith("quick-digits-")
     for name in ("results.json", "summary.csv", "paired.csv", "task_matrices.png",
                  "recall_curves.png"):
@@ -36,8 +37,23 @@ def test_demo_writes_tables_and_figures_and_never_overwrites_another_demo(tmp_pa
     # another configuration (one epoch more) writes beside it, never over it
     stamp = (folder / "results.json").read_bytes()
     main([*args[:-4], "--epochs", "2", *args[-2:]])
-    assert len([p for p in tmp_path.iterdir() if p.name != "runs"]) == 2
+    assert len(list((tmp_path / "demo").iterdir())) == 2
     assert (folder / "results.json").read_bytes() == stamp
+
+
+def test_a_demo_on_another_machine_writes_its_own_folder(tmp_path, monkeypatch):
+    from csdkit import runs
+
+    args = ["demo", "--preset", "quick", "--seeds", "2", "--methods", "finetune", "--epochs",
+            "1", "--tasks", "2", "--workers", "1", "--cache", str(tmp_path / "cache"), "--out",
+            str(tmp_path / "demo")]
+    main(args)
+    (here,) = (tmp_path / "demo").iterdir()
+    stamp = (here / "results.json").read_bytes()
+    monkeypatch.setattr(runs, "machine", lambda device: "cpu (another CPU, AVX512)")
+    main(args)  # same configuration, another machine: other numbers, so another folder
+    assert len(list((tmp_path / "demo").iterdir())) == 2
+    assert (here / "results.json").read_bytes() == stamp
 
 
 def test_demo_refuses_a_single_seed(tmp_path):
@@ -102,7 +118,7 @@ def test_reference_rows_are_raw_pixels_and_an_untrained_net_on_each_seeds_split(
 def test_run_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
     from csdkit import cli
 
-    with pytest.raises(SystemExit, match="csdkit: error: batch_size must be a positive"):
+    with pytest.raises(SystemExit, match="csdkit: error: batch_size must be an integer >= 2"):
         main(["run", "--batch-size", "0", "--out", str(tmp_path / "a"), "--quiet"])
     # --increment alone: the task count follows from it (first task = increment = 5 of the
     # 10 digits: 2 tasks), not from the preset's 5 tasks

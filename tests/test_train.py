@@ -13,12 +13,12 @@ import torch
 from csdkit import losses
 from csdkit.data import ImageSet
 from csdkit.models import resnet
+from csdkit.runs import load_checkpoint
 from csdkit.train import (
     CSD_VARIANT,
     METHODS,
     PRESETS,
     Config,
-    load_checkpoint,
     loss_terms,
     prepare,
     run,
@@ -168,7 +168,7 @@ def test_tiny_task_smaller_than_a_batch_still_trains():
 
 
 def test_progress_bars_show_in_a_terminal_and_stay_silent_on_ci_or_quiet(monkeypatch, capsys):
-    from csdkit.train import progress_bar
+    from csdkit.models import progress_bar
 
     monkeypatch.delenv("CI", raising=False)
     list(progress_bar(range(3), quiet=False, desc="epochs"))
@@ -185,7 +185,7 @@ def test_progress_bars_show_in_a_terminal_and_stay_silent_on_ci_or_quiet(monkeyp
 
 
 def test_identity_holds_the_data_and_resume_refuses_other_data(tmp_path, tiny_data):
-    from csdkit.train import run_identity
+    from csdkit.runs import run_identity
 
     data, split = tiny_data
     ident = run_identity(TINY, "finetune", data)
@@ -290,9 +290,9 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing(tmp_path, ti
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"batch_size": 1}, "batch_size must be >= 2"),
-    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 2"),
+    ({"batch_size": 1}, "batch_size must be an integer >= 2"),
+    ({"epochs": 0}, "epochs must be an integer >= 1"),
     ({"lr_later": 0.0}, "lr_later must be > 0"),
 ])
 def test_config_check_refuses_settings_that_cannot_train(change, message, tiny_data):
@@ -326,7 +326,8 @@ def test_machine_names_the_cpu_and_its_arithmetic():
     import subprocess
     import sys
 
-    from csdkit.train import arithmetic, cpu_name, machine
+    from csdkit.runs import arithmetic_fingerprint as arithmetic
+    from csdkit.runs import cpu_name, machine
 
     here = machine(torch.device("cpu"))
     assert cpu_name() in here and torch.backends.cpu.get_cpu_capability() in here
@@ -334,7 +335,7 @@ def test_machine_names_the_cpu_and_its_arithmetic():
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the instruction-set caps below are x86 ones")
     # a learner's oldest CPU, emulated: another arithmetic, hence another machine (and cache)
-    code = "import torch; from csdkit.train import machine; print(machine(torch.device('cpu')))"
+    code = "import torch; from csdkit.runs import machine; print(machine(torch.device('cpu')))"
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
     other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                            text=True, check=True).stdout.strip()
@@ -353,3 +354,102 @@ def test_bf16_stays_off_on_a_gpu_without_native_bf16(monkeypatch):
     assert train.speed_options(TINY, cuda)[0] is True
     assert train.precision(TINY, cuda) == "bf16 autocast"
     assert train.precision(TINY, torch.device("cpu")) == "fp32"
+
+
+# ------------------------------------------------------------------------------------------
+# Settings reach the losses, checks where a user's input enters, the frozen teacher in run()
+
+
+def test_loss_terms_use_the_configs_margin_and_temperatures():
+    """Non-default settings, against the formulas worked out here (not csdkit's losses)."""
+    torch.manual_seed(1)
+    cfg = TINY.replace(kd_temperature=4.0, csd_temperature=0.5, triplet_margin=0.3)
+    b, c_old = 8, 3
+    logits, feats = torch.randn(b, 5), torch.randn(b, 16)
+    labels = torch.tensor([3, 3, 4, 4, 3, 4, 3, 4])
+    t_logits, t_feats = torch.randn(b, c_old), torch.randn(b, 16)
+    got = loss_terms("csd", cfg, logits, feats, labels, t_logits, t_feats)
+    # KD: 1/B sum_i KL(softmax(t_i / T) || softmax(s_i / T)) over the old classes, no T^2
+    q = torch.softmax(t_logits / 4.0, 1)
+    p = torch.softmax(logits[:, :c_old] / 4.0, 1)
+    assert got["kd"].item() == pytest.approx((q * (q.log() - p.log())).sum(1).mean().item(),
+                                             rel=1e-5)
+    # batch-hard triplet with cosine distance, one anchor at a time
+    f = torch.nn.functional.normalize(feats, dim=1)
+    per_anchor = []
+    for a in range(b):
+        pos = [1 - f[a] @ f[j] for j in range(b) if j != a and labels[j] == labels[a]]
+        neg = [1 - f[a] @ f[j] for j in range(b) if labels[j] != labels[a]]
+        per_anchor.append(max(0.0, float(max(pos) - min(neg)) + 0.3))
+    assert got["triplet"].item() == pytest.approx(np.mean(per_anchor), rel=1e-5)
+    # Eq. 8 at tau = 0.5: teacher anchors, student contrast set, positives include p = i
+    s, t = f, torch.nn.functional.normalize(t_feats, dim=1)
+    total = 0.0
+    for i in range(b):
+        others = [a for a in range(b) if a != i]
+        log_den = torch.logsumexp(torch.stack([t[i] @ s[a] / 0.5 for a in others]), 0)
+        positives = [j for j in range(b) if labels[j] == labels[i]]
+        total += -sum(float(t[i] @ s[j] / 0.5 - log_den) for j in positives) / len(positives)
+    assert got["csd"].item() == pytest.approx(total / b, rel=1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"compile": "always"}, "compile must be True, False or one of"),
+    ({"image_size": 0}, "image_size must be an integer >= 4"),
+    ({"epochs_first": 2.5}, "epochs_first must be an integer >= 1"),
+    ({"epochs": 2.0}, "epochs must be an integer >= 1"),
+])
+def test_config_check_refuses_values_that_used_to_slip_through(change, message, tiny_data):
+    with pytest.raises(ValueError, match=message):
+        run(TINY.replace(**change), "finetune", quiet=True, data=tiny_data)
+
+
+@pytest.mark.parametrize("last", [-1, 2, 0.5])
+def test_last_task_outside_the_run_is_refused(last, tiny_data):
+    with pytest.raises(ValueError, match=r"last_task must be a task index 0\.\.1"):
+        run(TINY, "finetune", quiet=True, data=tiny_data, last_task=last)
+
+
+def test_compile_on_a_cpu_says_it_is_ignored():
+    from csdkit.train import speed_options
+
+    with pytest.warns(UserWarning, match="acts on CUDA only"):
+        assert speed_options(TINY.replace(compile="reduce-overhead"), torch.device("cpu"))[2] \
+            is None
+
+
+def test_cuda_runs_are_made_deterministic_and_fp32_means_fp32(monkeypatch):
+    from csdkit import train
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        train.make_cuda_deterministic()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
+def test_run_distils_from_a_frozen_teacher_in_eval_mode(tiny_data, monkeypatch):
+    from csdkit import train
+
+    seen = []
+    real = train.train_task
+
+    def spy(model, teacher, *a, **k):
+        if teacher is not None:
+            seen.append((teacher.training, any(p.requires_grad for p in teacher.parameters()),
+                         teacher is model, model.training))
+        return real(model, teacher, *a, **k)
+
+    monkeypatch.setattr(train, "train_task", spy)
+    run(TINY.replace(epochs=1), "fd", quiet=True, data=tiny_data)
+    assert seen == [(False, False, False, True)]  # eval mode, no grad, a copy; student trains

@@ -1,0 +1,263 @@
+"""The run cache: what names a run, where it trained, checkpoints, and many runs at once.
+
+A run is saved under a folder named by its identity (config, method, data) inside a cache
+folder per torch release and machine arithmetic, so notebooks, demo and benchmarks share
+finished runs and never mix two machines' numbers. Writes are atomic (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from csdkit import losses
+from csdkit.models import ResNet, resnet
+
+if TYPE_CHECKING:
+    from csdkit.data import Dataset
+    from csdkit.train import Config, RunResult
+
+#: Settings that act only from the second task on: runs that differ only in these (and in the
+#: method, joint aside) train the same first task, so `run_grid` trains it once for all.
+LATER_TASKS_ONLY = ("method", "lr_later", "w_kd", "w_fd", "w_csd", "kd_temperature",
+                    "csd_temperature")
+
+
+def run_identity(cfg: Config, method: str, data: Dataset) -> dict:
+    """Everything that decides a run's numbers: the config (less the device and bf16, which
+    `trained_on` records apart, and less where the data live), the method and the data
+    themselves (`Dataset.digest`: every image and label, in class order). channels_last and
+    compile stay in: on a GPU they change which kernels run, and so the last digits."""
+    d = dataclasses.asdict(cfg)
+    for k in ("device", "bf16", "data_root", "data_path"):
+        d.pop(k)
+    d["milestones"] = list(d["milestones"])
+    return json.loads(json.dumps({**d, "method": method, "data": data.digest()}))
+
+
+def run_id(identity: dict) -> str:  # 8 hex digits naming an identity, for folder names
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_name(cfg: Config, method: str, data: Dataset) -> str:
+    """The folder name of a run: <dataset>-<method>-seed<seed>-<run_id of its identity>."""
+    return f"{cfg.dataset}-{method}-seed{cfg.seed}-{run_id(run_identity(cfg, method, data))}"
+
+
+def first_task_config(cfg: Config) -> Config:
+    """The config a shared first task is trained and saved under: LATER_TASKS_ONLY at their
+    defaults, so every run that differs only in those finds the same checkpoint."""
+    defaults = type(cfg)()
+    return cfg.replace(**{k: getattr(defaults, k) for k in LATER_TASKS_ONLY if k != "method"})
+
+
+def first_name(cfg: Config, data: Dataset) -> str:
+    """The folder name of the first task shared by runs that differ only in LATER_TASKS_ONLY."""
+    return f"{cfg.dataset}-first-seed{cfg.seed}-" \
+           f"{run_id(run_identity(first_task_config(cfg), 'finetune', data))}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform says."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+@functools.cache
+def arithmetic_fingerprint() -> str:
+    """8 hex digits of what a training step computes on this CPU: the bits of a ResNet-8's
+    gradients on a fixed batch, with one thread. CPUs (or emulations) that compute the same
+    share it; another instruction set, library or torch release that changes the numbers
+    changes it. It catches what ONEDNN_MAX_CPU_ISA does, which no torch call reports."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
+            torch.manual_seed(0)
+            net = resnet(8, 8)
+            x, y = torch.randn(16, 3, 12, 12), torch.arange(16) % 8
+        logits, features = net(x)
+        (F.cross_entropy(logits, y) + losses.triplet_loss(features, y)).backward()
+        digest = hashlib.sha1()
+        for p in net.parameters():
+            digest.update(p.grad.numpy().tobytes())
+        return digest.hexdigest()[:8]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def machine(device: torch.device) -> str:
+    """The device a run trains on, as its last digits depend on it: the GPU's name; or the
+    CPU's name, ATen's vector instruction set and the arithmetic fingerprint."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return (f"cpu ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, arithmetic "
+            f"{arithmetic_fingerprint()})")
+
+
+def cache_folder(root: str | Path, device: torch.device) -> Path:
+    """root/torch<version>-<8 hex digits of `machine`>: the run cache of this machine."""
+    return Path(root) / f"torch{torch.__version__.split('+')[0]}-{run_id({'m': machine(device)})}"
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(temp path), fsync it, then rename it over `path`: after a crash or power cut the
+    file is either the old one or the whole new one, never half of either."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:  # atomically, creating the folder
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=float)))
+
+
+def refuse_existing(path: Path) -> Path:
+    """A results file is evidence a README may cite: never replaced. Call it before the work."""
+    if Path(path).exists():
+        raise SystemExit(f"{path} exists; pass --out another path (or delete it on purpose)")
+    return Path(path)
+
+
+def save_checkpoint(path: Path, model: ResNet, info: dict) -> None:
+    """The weights (on the CPU) and `info` (identity, metrics, ...) in one file."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save({"model": state, **info}, tmp))
+
+
+def load_checkpoint(path: str | Path, model: ResNet | None = None) -> tuple[ResNet, dict]:
+    """Load a csdkit checkpoint (weights_only=True). Builds the model it describes, or checks
+    that `model` has the same architecture and class count and loads into it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [k for k in ("model", "depth", "n_classes") if not isinstance(ckpt, dict) or
+               k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a csdkit checkpoint (no {', '.join(map(repr, missing))} "
+                         "entries); csdkit writes them with save_checkpoint or `csdkit run`")
+    depth, n_classes = int(ckpt["depth"]), int(ckpt["n_classes"])
+    if model is None:
+        model = resnet(depth, n_classes)
+    elif model.depth != depth or model.n_classes != n_classes:
+        raise ValueError(
+            f"{path} holds a ResNet-{depth} with {n_classes} classes, but the model given is a "
+            f"ResNet-{model.depth} with {model.n_classes} classes; build the model with "
+            f"resnet({depth}, {n_classes}) or call load_checkpoint(path) without a model"
+        )
+    model.load_state_dict(ckpt["model"])
+    return model, {k: v for k, v in ckpt.items() if k != "model"}
+
+
+def resume(path: Path, identity: dict, trained_on: dict, anywhere: bool, device: torch.device,
+           shared_first: bool = False) -> tuple[ResNet, dict]:
+    """Load a finished task's checkpoint after checking that it belongs to this run.
+    shared_first: a first task shared between methods (all but LATER_TASKS_ONLY must agree)."""
+    model, info = load_checkpoint(path)
+    saved = json.loads(info.get("identity", "{}"))
+    if shared_first:
+        if info.get("task") != 0 or saved.get("method") == "joint":
+            raise ValueError(f"{path} is not a first-task checkpoint of a continual method")
+        saved = {**saved, **{k: identity[k] for k in LATER_TASKS_ONLY}}
+    if saved != identity:
+        diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        raise ValueError(
+            f"{path} belongs to another run (differs in: {', '.join(diff) or 'everything'}; "
+            f"'data' means other images, labels or class order). Nothing was overwritten: "
+            f"choose another output folder, or delete {path.parent} to start afresh."
+        )
+    theirs = {k: info.get(k) for k in trained_on}
+    if theirs != trained_on and not anywhere:
+        raise ValueError(
+            f"{path} was trained on {theirs['machine']} in {theirs['precision']}, this run is "
+            f"on {trained_on['machine']} in {trained_on['precision']}: its numbers would mix "
+            "two machines. To resume anyway pass resume_anywhere=True (--resume-anywhere); "
+            "otherwise use another output folder."
+        )
+    return model.to(device), info
+
+
+# --------------------------------------------------------------------------------------------
+# Many runs
+
+
+def _run_job(job: dict) -> RunResult:
+    from csdkit.train import run
+
+    torch.set_num_threads(1)
+    return run(**job)
+
+
+def _run_parallel(jobs: list[dict], workers: int) -> list[RunResult]:
+    """run(**job) for every job, `workers` at a time in spawned processes (safe on every OS)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers <= 1 or len(jobs) <= 1:
+        threads = torch.get_num_threads()
+        try:
+            return [_run_job(job) for job in jobs]
+        finally:
+            torch.set_num_threads(threads)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        return list(pool.map(_run_job, jobs))
+
+
+def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 2,
+             first_only: bool = False) -> list[RunResult]:
+    """Train (config, method) pairs, `workers` at a time, one torch thread each, and return
+    their results in order. On a CPU a run's last digits depend on its thread count, so the
+    numbers never depend on `workers`.
+
+    Each run gets folder/<run_name>/ and is resumed from there (a finished one only loads).
+    Runs that differ only in LATER_TASKS_ONLY share one first task, trained once into
+    folder/<first_name>/. first_only: train just those first tasks, and return their results.
+
+    With workers > 1 the runs train in spawned processes, which import the calling script
+    again: call this from a notebook, or from a script under `if __name__ == "__main__":`.
+    """
+    from csdkit.train import prepare, run
+
+    folder = Path(folder)
+    data = {}  # by repr: configs are not hashable
+    for cfg, _ in runs:
+        if repr(cfg) not in data:
+            data[repr(cfg)] = prepare(cfg)
+    plans = [{"cfg": cfg, "method": method, "quiet": True,
+              "out_dir": folder / run_name(cfg, method, data[repr(cfg)][0]),
+              "first": folder / first_name(cfg, data[repr(cfg)][0])} for cfg, method in runs]
+    todo = [p for p in plans if not (p["out_dir"] / "result.json").exists() or first_only]
+    firsts = {p["first"]: first_task_config(p["cfg"]) for p in todo if p["method"] != "joint"}
+    first_job = {"method": "finetune", "last_task": 0, "quiet": True}
+    _run_parallel([{"cfg": cfg, "out_dir": path, **first_job} for path, cfg in firsts.items()
+                   if not (path / "task0.pt").exists()], workers)
+    if first_only:
+        return [run(first_task_config(p["cfg"]), out_dir=p["first"], data=data[repr(p["cfg"])],
+                    **first_job) for p in plans]
+    _run_parallel([{k: v for k, v in p.items() if k != "first"} |
+                   ({} if p["method"] == "joint" else {"first_task": p["first"] / "task0.pt"})
+                   for p in todo], workers)
+    return [run(p["cfg"], p["method"], p["out_dir"], quiet=True, data=data[repr(p["cfg"])])
+            for p in plans]  # all trained now: this only loads

@@ -1,0 +1,55 @@
+"""csdkit.runs: what names a run, atomic files, and the shared first task."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from csdkit import runs
+from csdkit.train import Config, prepare, run
+
+TINY = Config(n_tasks=2, epochs=1, batch_size=64, depth=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return prepare(TINY)
+
+
+@pytest.mark.parametrize("change", [{"channels_last": False}, {"channels_last": "always"},
+                                    {"compile": True}, {"compile": "reduce-overhead"}])
+def test_knobs_that_change_gpu_kernels_are_part_of_the_identity(change, tiny_data, tmp_path):
+    data = tiny_data[0]
+    assert runs.run_identity(TINY.replace(**change), "finetune", data) != \
+        runs.run_identity(TINY, "finetune", data)
+    run(TINY, "finetune", out_dir=tmp_path, quiet=True, data=tiny_data)
+    knob = next(iter(change))
+    with pytest.raises(ValueError, match=f"another run \\(differs in: {knob};"):
+        run(TINY.replace(**change), "finetune", out_dir=tmp_path, quiet=True, data=tiny_data)
+
+
+def test_the_device_and_where_the_data_live_are_not(tiny_data):
+    data = tiny_data[0]
+    same = TINY.replace(device="cpu", data_root="elsewhere", bf16=False)
+    assert runs.run_identity(same, "finetune", data) == runs.run_identity(TINY, "finetune", data)
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(runs.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(runs.os, "replace", lambda a, b: calls.append("replace") or
+                        real_replace(a, b))
+    runs.write_json(tmp_path / "sub" / "x.json", {"a": 1})
+    assert calls == ["fsync", "replace"]
+    assert json.loads((tmp_path / "sub" / "x.json").read_text()) == {"a": 1}
+    assert not list((tmp_path / "sub").glob("*.tmp"))
+
+
+def test_a_shared_first_task_is_saved_under_the_later_task_defaults():
+    cfg = TINY.replace(lr_later=1e-2, w_fd=3.0, csd_temperature=1.0, epochs=7)
+    first = runs.first_task_config(cfg)
+    assert (first.lr_later, first.w_fd, first.csd_temperature) == (1e-3, 1.0, 0.07)
+    assert first.epochs == 7  # a setting of the first task itself stays
