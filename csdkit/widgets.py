@@ -1,21 +1,19 @@
 """A retrieval explorer for notebooks: pick a test image, see what each model retrieves for it.
 
-Every test image can be a query; the gallery is all the *other* test images (leave-one-out, the
-protocol of csdkit.metrics and of the paper), ranked by cosine similarity of the features. Two
-models side by side (say fine-tuning and CSD after the last task) show what forgetting looks
-like for one query: the old-class query whose neighbours turned into new-class images.
+Every test image can be a query; the gallery is all the *other* test images (leave-one-out, as
+in csdkit.metrics and the paper), ranked by cosine similarity of the features. Two models side
+by side (say fine-tuning and CSD after the last task) show what forgetting looks like for one
+query: an old-class query whose neighbours turned into new-class images.
 
-    explorer = RetrievalExplorer(
-        {"finetune / task 5": ft_model, "csd / task 5": csd_model, "csd / task 1": csd_first},
-        data.test.images, data.test.labels, data.mean, data.std, data.class_names,
-    )
+    explorer = RetrievalExplorer({"finetune": ft_model, "csd": csd_model}, data.test.images,
+                                 data.test.labels, data.mean, data.std, data.class_names)
     explorer            # displays the controls, a summary and the image grid
-    explorer.query.value = 7; explorer.results["csd / task 5"]["ap"]
+    explorer.query.value = 7; explorer.results["csd"]["ap"]
 
-Everything the display shows is also plain state (`explorer.results`, `explorer.summary.value`),
-updated by the widgets' observers, so tests and notebooks can check it without a browser. The
-grid is a PNG in an `ipywidgets.Image` drawn with matplotlib's object API (no pyplot), so no
-stray figure or text lands in the cell's outputs: the notebook stays deterministic for nbval.
+Two halves: the ranking (`model_features`, `rank_query`: tensors in, plain dicts out) and the
+widget that shows it. What the display shows is also plain state (`results`, `summary.value`),
+so tests check it without a browser; the grid is drawn with matplotlib's object API (no pyplot),
+so no stray figure lands in the cell's outputs and the notebook stays deterministic for nbval.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import html
 import io
 import math
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import ipywidgets as widgets
@@ -34,102 +33,124 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from csdkit import metrics
-from csdkit.train import extract
+from csdkit.models import extract
 
 NONE = "none"  # model B's "show one model only" choice
 MAX_K = 10  # the k slider's upper end: more thumbnails than this are too small to read
 RIGHT, WRONG, QUERY = "#1a9850", "#d73027", "#2166ac"  # border colours: green, red, blue
 
 
+# the ranking: no widgets, no drawing --------------------------------------------------------------
+
+
+def model_features(models: Mapping[str, nn.Module | torch.Tensor | np.ndarray],
+                   images: torch.Tensor, mean: Any, std: Any) -> dict[str, torch.Tensor]:
+    """name -> float32 CPU features [N, D]: a model's are extracted once, an array is checked."""
+    _require(isinstance(models, Mapping) and len(models) > 0,
+             "models must be a non-empty dict: display name -> model or features")
+    out = {}
+    for name, m in models.items():
+        _require(isinstance(name, str) and name != NONE,
+                 f"model names must be strings other than {NONE!r}, got {name!r}")
+        if isinstance(m, nn.Module):
+            _require(mean is not None and std is not None,
+                     f"model {name!r} needs mean and std to normalise the images")
+            f = extract(m, images, mean, std)[0].cpu()
+        else:
+            _require(isinstance(m, torch.Tensor | np.ndarray),
+                     f"models[{name!r}] must be a model or features [N, D], got "
+                     f"{type(m).__name__}")
+            f = torch.as_tensor(m).detach().cpu().float()
+        _require(f.ndim == 2 and len(f) == len(images),
+                 f"features of {name!r} have shape {tuple(f.shape)}; expected "
+                 f"[{len(images)}, D], one row per image")
+        out[name] = f
+    return out
+
+
+def rank_query(features: torch.Tensor, labels: torch.Tensor, query: int, k: int) -> dict:
+    """Top-k of image `query` among all the others: one row of the leave-one-out evaluation.
+
+    features [N, D], labels [N]. Returns plain lists (indices, labels, scores: cosines to 6
+    digits, correct) of the top k, recall_at_1, ap (what metrics.mean_average_precision averages
+    over queries; nan if the query is alone in its class), margin and first_hit_rank.
+    """
+    f, y = features, labels
+    others = torch.cat([torch.arange(query), torch.arange(query + 1, len(y))])
+    scores, idx = metrics.retrieve(f[query : query + 1], f[others], k)  # [1, k] each
+    indices = others[idx[0]]
+    correct = (y[indices] == y[query]).tolist()
+    try:
+        ap = metrics.mean_average_precision(f[query : query + 1], y[query : query + 1],
+                                            gallery=f[others], gallery_labels=y[others])
+    except ValueError:  # the query is the only image of its class: AP is undefined
+        ap = float("nan")
+    # Pooled post-ReLU features are all >= 0, so every cosine is high (0.9 and up) for right
+    # and wrong neighbours alike. What decides retrieval is the gap between them: the margin
+    # of the best same-class image over the best other-class one (> 0: R@1 hit).
+    sim = F.normalize(f[others].float(), dim=1) @ F.normalize(f[query].float(), dim=0)
+    same = y[others] == y[query]
+    best = sim[same].max() if same.any() else None
+    return {
+        "indices": indices.tolist(),
+        "labels": y[indices].tolist(),
+        "scores": [round(s, 6) for s in scores[0].tolist()],
+        "correct": correct,
+        "recall_at_1": float(correct[0]),  # R@1 of one query: is its nearest image a hit
+        "ap": ap,
+        "margin": (best - sim[~same].max()).item() if best is not None and (~same).any()
+        else float("nan"),
+        "first_hit_rank": int((sim > best).sum()) + 1 if best is not None else None,
+    }
+
+
+# the widget ---------------------------------------------------------------------------------------
+
+
 class RetrievalExplorer:
     """Interactive leave-one-out retrieval for one query at a time, for one or two models.
 
-    models: display name -> a model (its features are extracted once here, with
-        csdkit.train.extract, and cached) or precomputed features [N, D] (tensor or array).
-    images: uint8 [N, 3, H, W], the test images, in the same order as the features.
-    labels: [N] int labels, indexing `class_names`.
-    mean, std: the normalisation used by the models (unused, may be None, when every entry of
-        `models` is a feature array).
-    k: how many neighbours to show (1..10).
-    query, model_a, model_b: the initial selection; model_b defaults to the second model (or
-        "none" when there is only one).
+    models: display name -> a model (its features are extracted once) or features [N, D];
+    images: uint8 [N, 3, H, W]; labels: [N] ints indexing `class_names`; mean, std: the models'
+    normalisation (None if every entry is features); k: neighbours shown (1..10); query,
+    model_a, model_b: the initial selection (model_b: the second model, or "none" if only one).
 
-    Widgets (each with a stable description and a CSS class, for browser tests):
-        query (IntSlider, csd-query), query_class (Dropdown, csd-class), model_a (Dropdown,
-        csd-model-a), model_b (Dropdown, csd-model-b), k (IntSlider, csd-k),
-        summary (HTML, csd-summary), image (Image, csd-results); `widget` is the whole VBox.
+    Widgets, each with a stable description and a CSS class for browser tests: query
+    (IntSlider, csd-query), query_class (Dropdown, csd-class), model_a, model_b (Dropdowns,
+    csd-model-a, csd-model-b), k (IntSlider, csd-k), summary (HTML, csd-summary), image
+    (Image, csd-results); `widget` is the whole VBox.
     """
 
     def __init__(
-        self,
-        models: Mapping[str, nn.Module | torch.Tensor | np.ndarray],
-        images: torch.Tensor,
-        labels: Any,
-        mean: Any,
-        std: Any,
-        class_names: list[str],
-        k: int = 5,
-        *,
-        query: int = 0,
-        model_a: str | None = None,
-        model_b: str | None = None,
-        min_pixels: int = 64,
-    ):
+        self, models: Mapping[str, nn.Module | torch.Tensor | np.ndarray], images: torch.Tensor,
+        labels: Any, mean: Any, std: Any, class_names: list[str], k: int = 5, *, query: int = 0,
+        model_a: str | None = None, model_b: str | None = None, min_pixels: int = 64,
+    ) -> None:
         self.images, self.labels, self.class_names = _check_data(images, labels, class_names)
-        n = len(self.labels)
-        self.features = _features_of(models, self.images, mean, std)  # name -> [N, D] float32
+        self.features = model_features(models, self.images, mean, std)
         self.min_pixels = min_pixels
-        names = list(self.features)
-        model_a = names[0] if model_a is None else model_a
-        if model_b is None:
-            model_b = names[1] if len(names) > 1 else NONE
-        _check_choice("model_a", model_a, names)
-        _check_choice("model_b", model_b, [NONE, *names])
-        _check_int("query", query, 0, n - 1)
+        n, names = len(self.labels), list(self.features)
         self.max_k = min(MAX_K, n - 1)  # a query can retrieve at most the n - 1 other images
-        _check_int("k", k, 1, self.max_k)
+        classes, first = np.unique(self.labels.numpy(), return_index=True)  # ascending
+        self.first_of_class = dict(zip(classes.tolist(), first.tolist(), strict=True))
 
-        # the first test image of each class: where the class dropdown jumps to
-        first: dict[int, int] = {}
-        for i, y in enumerate(self.labels.tolist()):
-            first.setdefault(y, i)
-        self.first_of_class = dict(sorted(first.items()))
-
-        style = {"description_width": "initial"}
-        self.query = widgets.IntSlider(
-            value=query, min=0, max=n - 1, description="query", continuous_update=False,
-            style=style, layout=widgets.Layout(width="420px"),
-        )
-        self.query_class = widgets.Dropdown(
-            options=[(f"{c}: {self.class_names[c]}", c) for c in self.first_of_class],
-            value=int(self.labels[query]), description="class", style=style,
-            layout=widgets.Layout(width="240px"),
-        )
-        self.model_a = widgets.Dropdown(
-            options=names, value=model_a, description="model A", style=style,
-            layout=widgets.Layout(width="300px"),
-        )
-        self.model_b = widgets.Dropdown(
-            options=[NONE, *names], value=model_b, description="model B", style=style,
-            layout=widgets.Layout(width="300px"),
-        )
-        self.k = widgets.IntSlider(
-            value=k, min=1, max=self.max_k, description="k", continuous_update=False,
-            style=style, layout=widgets.Layout(width="260px"),
-        )
+        # built with neutral values; select() below checks and sets the caller's
+        self.query = _control(widgets.IntSlider, "query", "csd-query", "420px", min=0,
+                              max=n - 1, continuous_update=False)
+        self.query_class = _control(widgets.Dropdown, "class", "csd-class", "240px", options=[
+            (f"{c}: {self.class_names[c]}", c) for c in self.first_of_class])
+        self.model_a = _control(widgets.Dropdown, "model A", "csd-model-a", "300px", options=names)
+        self.model_b = _control(widgets.Dropdown, "model B", "csd-model-b", "300px",
+                                options=[NONE, *names])
+        self.k = _control(widgets.IntSlider, "k", "csd-k", "260px", min=1, max=self.max_k,
+                          continuous_update=False)
         self.summary = widgets.HTML()
+        self.summary.add_class("csd-summary")
         self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
-        for w, css in [(self.query, "csd-query"), (self.query_class, "csd-class"),
-                       (self.model_a, "csd-model-a"), (self.model_b, "csd-model-b"),
-                       (self.k, "csd-k"), (self.summary, "csd-summary"),
-                       (self.image, "csd-results")]:
-            w.add_class(css)
-        self.widget = widgets.VBox([
-            widgets.HBox([self.query, self.query_class]),
-            widgets.HBox([self.model_a, self.model_b, self.k]),
-            self.summary,
-            self.image,
-        ])
+        self.image.add_class("csd-results")
+        self.widget = widgets.VBox([widgets.HBox([self.query, self.query_class]),
+                                    widgets.HBox([self.model_a, self.model_b, self.k]),
+                                    self.summary, self.image])
         self.widget.add_class("csd-explorer")
 
         self.results: dict[str, dict] = {}
@@ -138,185 +159,102 @@ class RetrievalExplorer:
         self.query_class.observe(self._on_class, names="value")
         for w in (self.model_a, self.model_b, self.k):
             w.observe(self._on_change, names="value")
-        self.refresh()
-
-    # ----------------------------------------------------------------------------------------
-    # what is shown
+        default_b = names[1] if len(names) > 1 else NONE  # one model: shown alone
+        self.select(query, None, names[0] if model_a is None else model_a,
+                    default_b if model_b is None else model_b, k)
 
     @property
     def shown_models(self) -> list[str]:
         """Model A, then model B unless it is "none" or the same model as A."""
-        names = [self.model_a.value]
-        if self.model_b.value not in (NONE, self.model_a.value):
-            names.append(self.model_b.value)
-        return names
+        a, b = self.model_a.value, self.model_b.value
+        return [a] if b in (NONE, a) else [a, b]
 
     def query_result(self, name: str, query: int, k: int) -> dict:
-        """Top-k of `query` among the other images for model `name`, its R@1 and its AP.
-
-        The gallery is every image but the query, so this is one row of the leave-one-out
-        evaluation: its AP is what csdkit.metrics.mean_average_precision averages over queries.
-        """
-        f, labels = self.features[name], self.labels
-        others = torch.cat([torch.arange(query), torch.arange(query + 1, len(labels))])
-        scores, idx = metrics.retrieve(f[query : query + 1], f[others], k)  # [1, k] each
-        indices = others[idx[0]]
-        retrieved = labels[indices]
-        correct = (retrieved == labels[query]).tolist()
-        try:
-            ap = metrics.mean_average_precision(
-                f[query : query + 1], labels[query : query + 1],
-                gallery=f[others], gallery_labels=labels[others],
-            )
-        except ValueError:  # the query is the only image of its class: AP is undefined
-            ap = float("nan")
-        # Pooled post-ReLU features are all >= 0, so every cosine is high (0.9 and up) for right
-        # and wrong neighbours alike. What decides retrieval is the gap between them: the margin
-        # of the best same-class image over the best other-class one (> 0: R@1 hit).
-        sim = F.normalize(f[others].float(), dim=1) @ F.normalize(f[query].float(), dim=0)
-        same = labels[others] == labels[query]
-        margin = (sim[same].max() - sim[~same].max()).item() if same.any() and (~same).any() \
-            else float("nan")
-        first_hit = int((sim > sim[same].max()).sum()) + 1 if same.any() else None
-        return {
-            "indices": indices.tolist(),
-            "labels": retrieved.tolist(),
-            "scores": [round(s, 6) for s in scores[0].tolist()],
-            "correct": correct,
-            "recall_at_1": float(correct[0]),  # R@1 of one query: is its nearest image a hit
-            "ap": ap,
-            "margin": margin,
-            "first_hit_rank": first_hit,
-        }
+        """`rank_query` for model `name`: top-k of `query` among the other images, R@1, AP."""
+        return rank_query(self.features[name], self.labels, query, k)
 
     def refresh(self) -> None:
         """Recompute `results`, the summary and the image for the current widget values."""
         q, k = self.query.value, self.k.value
         self.results = {name: self.query_result(name, q, k) for name in self.shown_models}
-        self.summary.value = self._summary_html()
+        self.summary.value = _summary_html(self.results, q, k, self.labels, self.class_names)
         self.image.value = self.render_png()
 
     def select(
-        self,
-        query: int | None = None,
-        query_class: int | None = None,
-        model_a: str | None = None,
-        model_b: str | None = None,
-        k: int | None = None,
+        self, query: int | None = None, query_class: int | None = None,
+        model_a: str | None = None, model_b: str | None = None, k: int | None = None,
     ) -> None:
         """Set several controls at once (one refresh), with ValueErrors for bad values.
 
         query_class jumps to the first image of that class, like the dropdown; give query or
         query_class, not both.
         """
-        if query is not None and query_class is not None:
-            raise ValueError("give query or query_class, not both (query_class picks a query)")
-        if query is not None:
-            _check_int("query", query, 0, len(self.labels) - 1)
+        _require(query is None or query_class is None,
+                 "give query or query_class, not both (query_class picks a query)")
         if query_class is not None:
-            _check_choice("query_class", query_class, list(self.first_of_class))
+            _check_in("query_class", query_class, list(self.first_of_class))
             query = self.first_of_class[query_class]
-        if model_a is not None:
-            _check_choice("model_a", model_a, list(self.model_a.options))
-        if model_b is not None:
-            _check_choice("model_b", model_b, list(self.model_b.options))
-        if k is not None:
-            _check_int("k", k, 1, self.max_k)
+        given = dict(query=query, model_a=model_a, model_b=model_b, k=k)
+        moves = {name: v for name, v in given.items() if v is not None}
+        # check every value before any widget moves, so that a bad one changes nothing
+        for name, v in moves.items():
+            w = getattr(self, name)
+            _check_in(name, v, list(w.options) if isinstance(w, widgets.Dropdown)
+                      else range(w.min, w.max + 1))
+        with self._synced():
+            for name, v in moves.items():
+                getattr(self, name).value = v
+            self.query_class.value = int(self.labels[self.query.value])
+        self.refresh()
+
+    # observers: a user's change in one widget, with the others kept in step
+
+    @contextmanager
+    def _synced(self):
+        """While we move widgets ourselves, observers stand back (no refresh per widget)."""
         self._syncing = True
         try:
-            for w, v in [(self.query, query), (self.model_a, model_a), (self.model_b, model_b),
-                         (self.k, k)]:
-                if v is not None:
-                    w.value = v
-            self.query_class.value = int(self.labels[self.query.value])
+            yield
         finally:
             self._syncing = False
-        self.refresh()
-
-    # ----------------------------------------------------------------------------------------
-    # observers
 
     def _on_query(self, change: dict) -> None:
-        if self._syncing:
-            return
-        self._syncing = True  # keep the class dropdown on the query's class without a jump
-        try:
-            self.query_class.value = int(self.labels[change["new"]])
-        finally:
-            self._syncing = False
-        self.refresh()
+        if not self._syncing:
+            with self._synced():  # the class dropdown follows the query, without a jump
+                self.query_class.value = int(self.labels[change["new"]])
+            self.refresh()
 
     def _on_class(self, change: dict) -> None:
-        if self._syncing:
-            return
-        self.query.value = self.first_of_class[change["new"]]  # _on_query refreshes
+        if not self._syncing:
+            self.query.value = self.first_of_class[change["new"]]  # _on_query refreshes
 
     def _on_change(self, change: dict) -> None:
         if not self._syncing:
             self.refresh()
 
-    # ----------------------------------------------------------------------------------------
-    # rendering
-
-    def _summary_html(self) -> str:
-        q, k = self.query.value, self.k.value
-        y = int(self.labels[q])
-        e = html.escape
-        rows = []
-        for name, r in self.results.items():
-            hits = ", ".join(
-                f"{e(self.class_names[lab])} {'✓' if ok else '✗'} {s:.3f}"
-                for lab, ok, s in zip(r["labels"], r["correct"], r["scores"], strict=True)
-            )
-            labels = ",".join(map(str, r["labels"]))
-            ap = "n/a" if math.isnan(r["ap"]) else f"{r['ap']:.3f}"
-            margin = "n/a" if math.isnan(r["margin"]) else f"{r['margin']:+.3f}"
-            rows.append(
-                f'<tr class="csd-row" data-model="{e(name)}" data-labels="{labels}">'
-                f"<td>{e(name)}</td><td>{hits}</td>"
-                f'<td class="csd-labels">{labels}</td>'
-                f"<td>{'hit' if r['recall_at_1'] else 'miss'}</td><td>{ap}</td>"
-                f"<td>{margin}</td><td>{r['first_hit_rank'] or 'n/a'}</td></tr>"
-            )
-        return (
-            "<style>.csd-summary-text td, .csd-summary-text th "
-            "{padding: 2px 10px; text-align: left}</style>"
-            f'<div class="csd-summary-text" data-query="{q}" data-class="{y}" data-k="{k}">'
-            f'<p>Query <b class="csd-query-index">{q}</b>: label {y}, class '
-            f"<b>{e(self.class_names[y])}</b>. Gallery: the other {len(self.labels) - 1} "
-            f"test images, by cosine similarity; the top {k} are shown.</p>"
-            "<table><tr><th>model</th><th>top-k: class ✓/✗ cosine</th><th>label ids</th>"
-            "<th>R@1</th><th>AP</th><th>margin</th><th>first ✓ at rank</th></tr>"
-            + "".join(rows) + "</table><p>All cosines are high because the features are "
-            "non-negative (averaged after a ReLU); the margin tells right from wrong: the "
-            "cosine of the nearest same-class image minus that of the nearest other-class "
-            "image (> 0: the top hit is right).</p></div>"
-        )
+    # drawing
 
     def _thumbnail(self, i: int) -> np.ndarray:
-        """Image i as [H', W', 3] uint8, upscaled by an integer factor (nearest neighbour) so
-        that 16x16 glyphs stay crisp and legible."""
+        """Image i as [H', W', 3] uint8, upscaled by a whole factor: 16x16 glyphs stay crisp."""
         x = self.images[i].permute(1, 2, 0).numpy()
         s = max(1, math.ceil(self.min_pixels / max(x.shape[:2])))
         return x.repeat(s, axis=0).repeat(s, axis=1)
 
     def figure(self) -> Figure:
         """The current grid as a matplotlib Figure: a row per shown model, the query first."""
-        q, k = self.query.value, self.k.value
-        rows = len(self.results)
-        fig = Figure(figsize=(1.3 * (k + 1) + 0.4, 1.75 * rows), dpi=100, layout="constrained")
-        axes = fig.subplots(rows, k + 1, squeeze=False)
+        q, k, names = self.query.value, self.k.value, self.class_names
+        fig = Figure(figsize=(1.3 * (k + 1) + 0.4, 1.75 * len(self.results)), dpi=100,
+                     layout="constrained")
+        axes = fig.subplots(len(self.results), k + 1, squeeze=False)
         for row, (name, r) in zip(axes, self.results.items(), strict=True):
             ap = "AP n/a" if math.isnan(r["ap"]) else f"AP {r['ap']:.2f}"
             hit = "R@1 hit" if r["recall_at_1"] else "R@1 miss"
             hit += "" if math.isnan(r["margin"]) else f"\nmargin {r['margin']:+.3f}"
-            _show(row[0], self._thumbnail(q), f"query {q}\n{self.class_names[int(self.labels[q])]}",
-                  QUERY)
+            _show(row[0], self._thumbnail(q), f"query {q}\n{names[int(self.labels[q])]}", QUERY)
             row[0].set_ylabel(f"{name}\n{hit}, {ap}", fontsize=8)
             for ax, i, lab, ok, s in zip(row[1:], r["indices"], r["labels"], r["correct"],
                                          r["scores"], strict=True):
-                mark = "✓" if ok else "✗"
-                _show(ax, self._thumbnail(i), f"{mark} {self.class_names[lab]}\n{s:.2f}",
+                _show(ax, self._thumbnail(i), f"{'✓' if ok else '✗'} {names[lab]}\n{s:.2f}",
                       RIGHT if ok else WRONG)
         return fig
 
@@ -330,11 +268,45 @@ class RetrievalExplorer:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
-# --------------------------------------------------------------------------------------------
-# helpers
+def _control(kind: type, description: str, css: str, width: str, **kwargs: Any) -> Any:
+    """A labelled control with its CSS class (the handle browser tests find it by)."""
+    w = kind(description=description, style={"description_width": "initial"},
+             layout=widgets.Layout(width=width), **kwargs)
+    w.add_class(css)
+    return w
 
 
-def _show(ax, image: np.ndarray, title: str, colour: str) -> None:
+def _summary_html(results: dict, q: int, k: int, labels: torch.Tensor, names: list[str]) -> str:
+    """The summary table; data-* attributes carry the same state for browser tests."""
+    y, e = int(labels[q]), html.escape
+    rows = []
+    for model, r in results.items():
+        hits = ", ".join(f"{e(names[lab])} {'✓' if ok else '✗'} {s:.3f}"
+                         for lab, ok, s in zip(r["labels"], r["correct"], r["scores"], strict=True))
+        ids = ",".join(map(str, r["labels"]))
+        ap = "n/a" if math.isnan(r["ap"]) else f"{r['ap']:.3f}"
+        margin = "n/a" if math.isnan(r["margin"]) else f"{r['margin']:+.3f}"
+        rows.append(f'<tr class="csd-row" data-model="{e(model)}" data-labels="{ids}">'
+                    f'<td>{e(model)}</td><td>{hits}</td><td class="csd-labels">{ids}</td>'
+                    f"<td>{'hit' if r['recall_at_1'] else 'miss'}</td><td>{ap}</td>"
+                    f"<td>{margin}</td><td>{r['first_hit_rank'] or 'n/a'}</td></tr>")
+    return (
+        "<style>.csd-summary-text td, .csd-summary-text th "
+        "{padding: 2px 10px; text-align: left}</style>"
+        f'<div class="csd-summary-text" data-query="{q}" data-class="{y}" data-k="{k}">'
+        f'<p>Query <b class="csd-query-index">{q}</b>: label {y}, class '
+        f"<b>{e(names[y])}</b>. Gallery: the other {len(labels) - 1} "
+        f"test images, by cosine similarity; the top {k} are shown.</p>"
+        "<table><tr><th>model</th><th>top-k: class ✓/✗ cosine</th><th>label ids</th>"
+        "<th>R@1</th><th>AP</th><th>margin</th><th>first ✓ at rank</th></tr>"
+        + "".join(rows) + "</table><p>All cosines are high because the features are "
+        "non-negative (averaged after a ReLU); the margin tells right from wrong: the "
+        "cosine of the nearest same-class image minus that of the nearest other-class "
+        "image (> 0: the top hit is right).</p></div>"
+    )
+
+
+def _show(ax: Any, image: np.ndarray, title: str, colour: str) -> None:
     ax.imshow(image, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -344,54 +316,38 @@ def _show(ax, image: np.ndarray, title: str, colour: str) -> None:
         spine.set_linewidth(3)
 
 
+# checks of what a user passes in ------------------------------------------------------------------
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_in(what: str, value: Any, choices: list | range) -> None:
+    """A choice from a list, or an integer (not a bool) in a range."""
+    if isinstance(choices, range):
+        ok = isinstance(value, int | np.integer) and not isinstance(value, bool)
+        _require(ok and choices.start <= value < choices.stop, f"{what} must be an integer in "
+                 f"[{choices.start}, {choices.stop - 1}], got {value!r}")
+    else:
+        _require(value in choices, f"unknown {what} {value!r}; choose one of {choices}")
+
+
 def _check_data(images: Any, labels: Any, class_names: list[str]):
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
-            or images.shape[1] != 3:
-        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
-        raise ValueError(f"images must be a uint8 tensor [N, 3, H, W], got {shape}")
-    labels = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor)
-                                        else labels)).long()
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"labels must be [N] with N = {len(images)} (one per image), got "
-                         f"shape {tuple(labels.shape)}")
-    if len(labels) < 2:
-        raise ValueError("leave-one-out retrieval needs at least 2 images")
-    class_names = list(class_names)
-    if labels.min() < 0 or labels.max() >= len(class_names):
-        raise ValueError(f"labels must index class_names (0..{len(class_names) - 1}), got "
-                         f"range [{int(labels.min())}, {int(labels.max())}]")
+    """images as a CPU tensor, labels as a long tensor [N], class_names as a list."""
+    _require(isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+             and images.ndim == 4 and images.shape[1] == 3,
+             "images must be a uint8 tensor [N, 3, H, W], got "
+             f"{tuple(images.shape) if hasattr(images, 'shape') else type(images).__name__}")
+    if isinstance(labels, torch.Tensor):
+        labels = labels.cpu()
+    labels, class_names = torch.as_tensor(np.asarray(labels)).long(), list(class_names)
+    _require(labels.ndim == 1 and len(labels) == len(images),
+             f"labels must be [N] with N = {len(images)} (one per image), got shape "
+             f"{tuple(labels.shape)}")
+    _require(len(labels) >= 2, "leave-one-out retrieval needs at least 2 images")
+    _require(0 <= labels.min() and labels.max() < len(class_names),
+             f"labels must index class_names (0..{len(class_names) - 1}), got "
+             f"range [{int(labels.min())}, {int(labels.max())}]")
     return images.cpu(), labels, class_names
-
-
-def _features_of(models: Mapping, images: torch.Tensor, mean: Any, std: Any) -> dict:
-    """name -> float32 CPU features [N, D]: extracted once for a model, checked for an array."""
-    if not isinstance(models, Mapping) or not models:
-        raise ValueError("models must be a non-empty dict: display name -> model or features")
-    out = {}
-    for name, m in models.items():
-        if not isinstance(name, str) or name == NONE:
-            raise ValueError(f"model names must be strings other than {NONE!r}, got {name!r}")
-        if isinstance(m, nn.Module):
-            if mean is None or std is None:
-                raise ValueError(f"model {name!r} needs mean and std to normalise the images")
-            f = extract(m, images, mean, std)[0].cpu()
-        elif isinstance(m, torch.Tensor | np.ndarray):
-            f = torch.as_tensor(m).detach().cpu().float()
-        else:
-            raise ValueError(f"models[{name!r}] must be a model or features [N, D], got "
-                             f"{type(m).__name__}")
-        if f.ndim != 2 or len(f) != len(images):
-            raise ValueError(f"features of {name!r} have shape {tuple(f.shape)}; expected "
-                             f"[{len(images)}, D], one row per image")
-        out[name] = f
-    return out
-
-
-def _check_choice(what: str, value: Any, choices: list) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {choices}")
-
-
-def _check_int(what: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not lo <= value <= hi:
-        raise ValueError(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")

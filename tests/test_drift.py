@@ -1,10 +1,7 @@
-"""csdkit.drift: the numba cache switch, the map fitted on the old model, drift numbers, plots."""
+"""csdkit.drift: the map fitted on the old model, the drift numbers, the plot."""
 
 from __future__ import annotations
 
-import os
-import sys
-import types
 import warnings
 
 import matplotlib.pyplot as plt
@@ -15,65 +12,11 @@ import torch
 from csdkit.drift import (
     DriftMap,
     centroid_shift,
-    configure_numba_cache,
     drift_ratio,
     plot_drift,
 )
 
 torch.set_num_threads(1)
-
-
-# ------------------------------------------------------------------------------------------------
-# configure_numba_cache
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    """No NUMBA_CACHE_DIR; afterwards restore the environment and numba's view of it (so a
-    later UMAP test does not write its cache into a deleted tmp folder)."""
-    before = os.environ.get("NUMBA_CACHE_DIR")
-    for name in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
-        # setenv first so that undo() also removes a variable that configure_numba_cache()
-        # creates (delenv of an absent variable records nothing to undo)
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-    monkeypatch.delenv("NUMBA_CACHE_DIR")
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    yield monkeypatch
-    monkeypatch.undo()
-    assert os.environ.get("NUMBA_CACHE_DIR") == before
-    if "numba" in sys.modules:
-        from numba.core import config
-
-        config.reload_config()
-
-
-def test_configure_numba_cache_sets_the_variable_and_creates_the_folder(clean_env, tmp_path):
-    target = tmp_path / "a" / "numba"
-    got = configure_numba_cache(target)
-    assert got == target.resolve() and target.is_dir()
-    assert os.environ["NUMBA_CACHE_DIR"] == str(target.resolve())
-    if "numba" in sys.modules:  # numba, if already imported, sees the new folder too
-        from numba.core import config
-
-        assert config.CACHE_DIR == str(target.resolve())
-
-
-def test_configure_numba_cache_defaults_to_the_user_cache(clean_env, tmp_path):
-    clean_env.setenv("HOME", str(tmp_path))
-    got = configure_numba_cache()
-    assert got == (tmp_path / ".cache" / "csdkit" / "numba").resolve() and got.is_dir()
-    assert os.environ["NUMBA_CACHE_DIR"] == str(got)
-    clean_env.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert configure_numba_cache() == (tmp_path / "xdg" / "csdkit" / "numba").resolve()
-
-
-def test_configure_numba_cache_warns_when_umap_is_already_imported(clean_env, tmp_path):
-    clean_env.setitem(sys.modules, "umap", types.ModuleType("umap"))
-    with pytest.warns(RuntimeWarning, match="before|after umap"):
-        configure_numba_cache(tmp_path / "late")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same folder again: nothing changes, no warning
-        configure_numba_cache(tmp_path / "late")
 
 
 # ------------------------------------------------------------------------------------------------
