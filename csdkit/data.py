@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +31,11 @@ import torch.nn.functional as F
 DATASETS = ("digits", "glyphs", "cifar10", "cifar100", "imagefolder")
 CLASS_ORDERS = ("icarl", "natural", "seed")
 
-# The normalisation constants everyone uses for CIFAR (the reference protocol's values).
+# CIFAR's published channel statistics, not recomputed from our split: every seed then
+# normalises alike, and models compare with the literature's.
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+Stats = Sequence[float] | torch.Tensor  # per-channel mean or std: 3 numbers or [1, 3, 1, 1]
 
 
 @dataclass
@@ -42,12 +45,10 @@ class ImageSet:
     images: torch.Tensor
     labels: torch.Tensor
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:  # where user-built sets enter
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
-            raise ValueError(
-                f"ImageSet.images must be uint8 [N, 3, H, W], got {self.images.dtype} "
-                f"{tuple(self.images.shape)}"
-            )
+            raise ValueError(f"ImageSet.images must be uint8 [N, 3, H, W], got "
+                             f"{self.images.dtype} {tuple(self.images.shape)}")
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
 
@@ -58,7 +59,7 @@ class ImageSet:
         """Rows where the boolean mask (or index tensor) `keep` selects."""
         return ImageSet(self.images[keep], self.labels[keep])
 
-    def of_classes(self, classes) -> ImageSet:
+    def of_classes(self, classes: Iterable[int]) -> ImageSet:
         """Only the images whose label is in `classes` (any iterable of ints)."""
         wanted = torch.as_tensor(list(classes), dtype=torch.long)
         return self.select(torch.isin(self.labels, wanted))
@@ -94,7 +95,7 @@ class Dataset:
             self.info["digest"] = h.hexdigest()[:16]
         return self.info["digest"]
 
-    def relabel(self, class_order: list[int]) -> Dataset:
+    def relabel(self, class_order: Sequence[int]) -> Dataset:
         """Relabel so that original class `class_order[i]` becomes label i."""
         class_order = [int(c) for c in class_order]
         if sorted(class_order) != list(range(self.n_classes)):
@@ -104,14 +105,10 @@ class Dataset:
             )
         lut = torch.empty(self.n_classes, dtype=torch.long)
         lut[torch.as_tensor(class_order)] = torch.arange(self.n_classes)
-
-        def remap(s: ImageSet) -> ImageSet:
-            return ImageSet(s.images, lut[s.labels])
-
+        splits = [ImageSet(s.images, lut[s.labels]) for s in (self.train, self.val, self.test)]
         info = {k: v for k, v in self.info.items() if k != "digest"}  # other labels: new digest
         return Dataset(
-            self.name, remap(self.train), remap(self.val), remap(self.test),
-            [self.class_names[c] for c in class_order], self.mean, self.std,
+            self.name, *splits, [self.class_names[c] for c in class_order], self.mean, self.std,
             {**info, "class_order": list(class_order)},
         )
 
@@ -181,8 +178,8 @@ def _cifar(name: str, root: Path, download: bool) -> tuple[np.ndarray, ...]:
             f"once, or fetch {cls.url} yourself and extract it into {root}/ so that "
             f"{folder}/ holds the files, then pass --data-root {root}."
         ) from err
-    names = list(train.classes)
-    return (train.data, np.array(train.targets), test.data, np.array(test.targets), names)
+    return (train.data, np.array(train.targets), test.data, np.array(test.targets),
+            list(train.classes))
 
 
 def _imagefolder(path: Path, size: int) -> tuple[np.ndarray, ...]:
@@ -195,7 +192,7 @@ def _imagefolder(path: Path, size: int) -> tuple[np.ndarray, ...]:
         )
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()])
 
-    def read(folder: Path, classes: list[str] | None = None):
+    def read(folder: Path, classes: list[str] | None = None) -> tuple[np.ndarray, ...]:
         ds = datasets.ImageFolder(str(folder), transform=lambda im: tf(im.convert("RGB")))
         if classes is not None and ds.classes != classes:
             raise ValueError(f"{folder} has classes {ds.classes}, expected {classes}")
@@ -211,15 +208,9 @@ def _imagefolder(path: Path, size: int) -> tuple[np.ndarray, ...]:
     return x[train], y[train], x[test], y[test], names
 
 
-def load_dataset(
-    name: str = "digits",
-    root: str | Path = "data",
-    image_size: int | None = None,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    download: bool = True,
-    path: str | Path | None = None,
-) -> Dataset:
+def load_dataset(name: str = "digits", root: str | Path = "data", image_size: int | None = None,
+                 seed: int = 0, val_fraction: float = 0.1, download: bool = True,
+                 path: str | Path | None = None) -> Dataset:
     """Load a dataset as uint8 tensors with a seeded, stratified validation split of train.
 
     image_size defaults to 16 for digits and glyphs (small and fast on a CPU) and 32 otherwise.
@@ -233,37 +224,34 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if name == "imagefolder" and path is None:
+        raise ValueError("dataset 'imagefolder' needs path= (--data-path) to a folder")
+    if image_size is not None and not (isinstance(image_size, int) and image_size >= 4):
+        raise ValueError(f"image_size must be an integer >= 4 (or None), got {image_size!r}")
     root = Path(root)
-    size = image_size or (16 if name in ("digits", "glyphs") else 32)
+    size = image_size if image_size is not None else 16 if name in ("digits", "glyphs") else 32
     info: dict = {}
     if name == "glyphs":
         from csdkit.glyphs import load_glyphs
 
         g = load_glyphs(root=root, seed=0, samples_per_font=8)  # a fixed font split
-        train = _to_imageset(g["train_images"], g["train_labels"], size)
-        val = _to_imageset(g["val_images"], g["val_labels"], size)
-        test = _to_imageset(g["test_images"], g["test_labels"], size)
+        train, val, test = (_to_imageset(g[f"{s}_images"], g[f"{s}_labels"], size)
+                            for s in ("train", "val", "test"))
         names = list(g["class_names"])
         info = {k: list(g[k]) for k in ("train_fonts", "val_fonts", "test_fonts")}
     else:
         if name == "digits":
             xtr, ytr, xte, yte, names = _digits()
-        elif name in ("cifar10", "cifar100"):
-            xtr, ytr, xte, yte, names = _cifar(name, root, download)
-        else:
-            if path is None:
-                raise ValueError("dataset 'imagefolder' needs path= (--data-path) to a folder")
+        elif name == "imagefolder":
             xtr, ytr, xte, yte, names = _imagefolder(Path(path), size)
+        else:
+            xtr, ytr, xte, yte, names = _cifar(name, root, download)
         keep, held = _split_indices(ytr, val_fraction, seed)
         train = _to_imageset(xtr[keep], ytr[keep], size)
         val = _to_imageset(xtr[held], ytr[held], size)
         test = _to_imageset(xte, yte, size)
-    if name == "cifar100":
-        mean, std = CIFAR100_MEAN, CIFAR100_STD
-    elif name == "cifar10":
-        mean, std = CIFAR10_MEAN, CIFAR10_STD
-    else:
-        mean, std = _mean_std(train.images)
+    published = {"cifar100": (CIFAR100_MEAN, CIFAR100_STD), "cifar10": (CIFAR10_MEAN, CIFAR10_STD)}
+    mean, std = published[name] if name in published else _mean_std(train.images)
     return Dataset(name, train, val, test, names, mean, std, info)
 
 
@@ -325,14 +313,9 @@ def class_order(n_classes: int, order: str | list[int] = "icarl", seed: int = 0)
     return order
 
 
-def make_split(
-    n_classes: int,
-    n_tasks: int | None = None,
-    first: int | None = None,
-    increment: int | None = None,
-    order: str | list[int] = "icarl",
-    seed: int = 0,
-) -> TaskSplit:
+def make_split(n_classes: int, n_tasks: int | None = None, first: int | None = None,
+               increment: int | None = None, order: str | list[int] = "icarl", seed: int = 0
+              ) -> TaskSplit:
     """Cut n_classes into tasks: `n_tasks` equal tasks, or a first task of `first` classes
     followed by tasks of `increment` classes each (e.g. CIFAR-100 as 50 + 5 x 10)."""
     if first is None and increment is None:
@@ -368,9 +351,8 @@ def make_split(
 # Augmentation and normalisation on batches (same code on CPU and GPU)
 
 
-def augment(
-    images: torch.Tensor, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def augment(images: torch.Tensor, pad: int = 4, flip: bool = True,
+            generator: torch.Generator | None = None) -> torch.Tensor:
     """RandomCrop(size, padding=pad) and RandomHorizontalFlip on a batch, on its own device.
 
     images: uint8 [B, 3, H, W] -> uint8 [B, 3, H, W]. Each image gets its own crop offset and
@@ -392,19 +374,19 @@ def augment(
     return images.contiguous()
 
 
-def channel_stats(mean, std, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(mean: Stats, std: Stats, device: torch.device | str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """mean and std as float32 [1, 3, 1, 1] tensors on `device`, for `normalize`.
 
     Build them once per task, not per batch: on CUDA, a tensor made from a Python tuple is a
     blocking host-to-device copy, which would make every training step wait.
     """
-    def as_tensor(v) -> torch.Tensor:
-        return torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+                 for v in (mean, std))
+    return mean, std
 
-    return as_tensor(mean), as_tensor(std)
 
-
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float32 (x/255 - mean) / std. mean and std: 3 numbers each, or the
     [1, 3, 1, 1] tensors of `channel_stats` (what a training loop passes, built once)."""
     if not isinstance(mean, torch.Tensor):

@@ -1,73 +1,9 @@
-"""Glyphs-40: a small, download-free character dataset with an open-font test split.
+"""Glyphs-40: a small, download-free dataset of 40 printed letters with an open-font test split.
 
-What it is
-----------
-40 classes of printed characters: the 26 uppercase letters A-Z plus the 14 lowercase letters
-whose shape clearly differs from their uppercase form (``a b d e f g h i j n q r t y``).
-Lowercase letters that are just small copies of an uppercase one (c o s u v w x z ...), the
-'l'/'I'/'1' and 'O'/'0' look-alikes and all digits are left out: across fonts they are not
-reliably distinguishable even by people, so they would only add label noise.
-
-How it is made
---------------
-Every glyph is rendered with Pillow from the TrueType fonts that matplotlib bundles
-(``matplotlib.get_data_path()/fonts/ttf``), so nothing is downloaded. A face is kept only if,
-for all 40 characters, its character map points at a glyph named after the character (this is
-what rejects ``cmsy10``, whose 'A'-'Z' slots hold calligraphic capitals and the rest maths
-symbols, and ``cmex10``) and the rendered glyphs are non-empty, differ from the face's
-missing-glyph (.notdef) render and are pairwise distinct (this rejects the STIXSize*, STIXNonUni*
-and *Display faces and LastResort). With matplotlib 3.11 that keeps 22 faces in 7 families:
-
-- DejaVu Sans: DejaVuSans, -Bold, -Oblique, -BoldOblique
-- DejaVu Sans Mono: DejaVuSansMono, -Bold, -Oblique, -BoldOblique
-- DejaVu Serif: DejaVuSerif, -Bold, -Italic, -BoldItalic
-- STIXGeneral: STIXGeneral, STIXGeneralBol, STIXGeneralItalic, STIXGeneralBolIta
-- Computer Modern Roman: cmr10, cmb10, cmti10, cmmi10 (maths italic)
-- Computer Modern Sans: cmss10
-- Computer Modern Typewriter: cmtt10
-
-Each clean glyph is drawn white on black at 4x resolution, centred by its ink bounding box, with
-one point size per face (chosen so the face's capitals are about 55% of the image tall): glyphs
-keep their relative size within a face, so 'a' stays smaller than 'A'. Each (face, class) pair
-then gets ``samples_per_font`` random variants: an affine jitter (rotation +-12 deg, scale
-0.8-1.1, shear +-0.15, translation +-size/16 px, i.e. +-2 px at 32 px), with probability 1/4
-each a thicker stroke (grey dilation by 1/2 output pixel on each side) or a thinner one (erosion
-by only 1/4 pixel: the hairlines of the light serif faces would vanish otherwise), a 4x box
-downsampling and Gaussian pixel noise of a random strength (sigma 2-16 grey levels). A single
-``numpy.random.default_rng(seed)`` is consumed in a fixed order, so a seed gives byte-identical
-arrays for a given font set and Pillow/FreeType build. The default build (22 faces x 40 classes x
-12 variants = 10,560 images) takes about 3-5 s on one core; its cache is a 6 MB npz.
-
-The split is by font, like notMNIST's held-out fonts: validation and test faces are never seen
-in training. Whole families go to one split (so e.g. DejaVu Sans Bold in training cannot leak
-DejaVu Sans into the test set); families are shuffled with the seed and dealt, largest first, to
-the split furthest below its share of 60/15/25% (at least 2 faces for val and 3 for test; if whole
-families cannot meet that, faces are dealt one by one instead). With the 22 faces above that
-gives 13/4/5 faces, e.g. for seed 0 val = Computer Modern Roman, test = STIXGeneral + cmtt10.
-Samples in a split are ordered font, then class, then variant.
-
-How hard it is
---------------
-Cosine 1-NN on raw pixels, which scores 0.967 on scikit-learn's 8x8 digits, gets 0.73 from train
-to test here (seed 0; 0.69-0.81 over seeds 0-3, depending on which designs land in the test
-split), and 0.72 leave-one-out within the test split. A small 3-layer CNN without augmentation
-reaches about 0.9 on the unseen test fonts in a few epochs, so there is room both ways.
-
-Limits
-------
-- Few fonts: 22 faces but only 7 designs, so a test split holds 1-2 unseen designs and the
-  numbers move a lot with the split. `build_glyphs(seed)` draws the split from its seed, but
-  `csdkit.data.load_dataset` always builds seed 0's (validation: Computer Modern Roman; test:
-  STIXGeneral and cmtt10), so that the fonts the kit tunes on are never tested on, for any seed;
-  a spread over the kit's seeds therefore does not cover other test fonts.
-- Families are taken at face value: DejaVu Sans and DejaVu Sans Mono are separate families but
-  close designs, so a split that puts one in train and the other in test is easier (seed 2).
-- Synthetic and clean: no real-world backgrounds, blur, occlusion or handwriting.
-- Some classes are hard to tell apart across fonts even so (e.g. 'a'/'q' in an italic face,
-  'j'/'J', 'n'/'h' under shear, 'I' as a bare bar in sans faces vs a serifed 'I').
-- Glyphs are centred by their bounding box, so the baseline position (which would tell 'q'
-  from 'g' in some faces) is deliberately not kept; only relative size is.
-- The kept face list depends on the installed matplotlib; a different font set changes the data.
+Every glyph is rendered with Pillow from the TrueType fonts matplotlib bundles, jittered, and
+split by font family, so validation and test fonts are never seen in training. What the images
+are, which faces are kept, how the split is dealt, sizes, font licences and known limits: the
+README's "Data card: glyphs".
 """
 
 from __future__ import annotations
@@ -86,17 +22,14 @@ GLYPH_CLASSES = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abdefghijnqrty"
 FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = {"train": 0.60, "val": 0.15, "test": 0.25}
-MIN_FONTS = {"train": 1, "val": 2, "test": 3}
+MIN_FONTS = {"train": 1, "val": 2, "test": 3}  # so no val or test score rests on one face
 
 SUPERSAMPLE = 4  # render and jitter at 4x, then box-downsample: cheap anti-aliasing
 CAP_HEIGHT = 0.55  # capitals take this fraction of the image height...
 MAX_EXTENT = 0.80  # ...unless the face's largest glyph would then exceed this fraction
 # Computer Modern ships one file per face and each file names its own family: group them by hand
 _CM_FAMILIES = {
-    "cmr10": "Computer Modern Roman",
-    "cmb10": "Computer Modern Roman",
-    "cmti10": "Computer Modern Roman",
-    "cmmi10": "Computer Modern Roman",
+    **dict.fromkeys(("cmr10", "cmb10", "cmti10", "cmmi10"), "Computer Modern Roman"),
     "cmss10": "Computer Modern Sans",
     "cmtt10": "Computer Modern Typewriter",
 }

@@ -17,6 +17,10 @@ The teacher is frozen, so every loss here treats teacher tensors as constants: t
 inside the function. The caller should still compute them under ``torch.no_grad()`` (that saves
 the memory of the teacher's graph); detaching here only guarantees that a forgotten ``no_grad``
 can never push gradients into the teacher.
+
+Every loss raises a ValueError that says how to fix an input it cannot be computed on (features
+not a non-empty [B, D] batch, student and teacher shapes that differ, labels not [B], a
+temperature not > 0); `csd_loss` also refuses a batch of one and an unknown variant.
 """
 
 from __future__ import annotations
@@ -25,13 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "CSD_VARIANTS",
-    "csd_loss",
-    "feature_distillation_loss",
-    "kd_loss",
-    "triplet_loss",
-]
+__all__ = ["CSD_VARIANTS", "csd_loss", "feature_distillation_loss", "kd_loss", "triplet_loss"]
 
 #: Valid values of ``csd_loss(..., variant=...)``: the paper's Eq. 8, the authors' code, and two
 #: ablations (see `csd_loss`).
@@ -41,69 +39,49 @@ CSD_VARIANTS: tuple[str, ...] = ("paper", "official", "transposed", "student")
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_features(name: str, x: Tensor) -> None:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape [B, D]; got {type(x).__name__}.")
-    if x.dim() != 2:
-        hint = (
-            " For a single sample add the batch dimension: x.unsqueeze(0)."
-            if x.dim() == 1
-            else " Flatten the trailing dimensions first: x.flatten(1)."
-            if x.dim() > 2
-            else ""
-        )
+def _shape(x: object) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else f"{type(x).__name__}, not a Tensor"
+
+
+def _check(tensors: dict[str, Tensor], labels: Tensor | None = None,
+           tau: tuple[str, float] | None = None) -> None:
+    """Reject, with the fix, what the losses cannot be computed on: `tensors` that are not
+    non-empty [B, D] batches of one shape (one teacher row per student row), labels that are not
+    [B] (one class index per row), a temperature `tau` = (name, value) that is not > 0."""
+    for name, x in tensors.items():
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            hint = ""
+            if isinstance(x, Tensor) and x.dim() == 1:
+                hint = " For a single sample add the batch dimension: x.unsqueeze(0)."
+            elif isinstance(x, Tensor) and x.dim() > 2:
+                hint = " Flatten the trailing dimensions first: x.flatten(1)."
+            raise ValueError(f"{name} must be a 2-D tensor of shape [B, D] (batch, feature dim); "
+                             f"got {_shape(x)}.{hint}")
+        if len(x) == 0:
+            raise ValueError(f"{name} is an empty batch (shape {_shape(x)}); pass B >= 1 rows.")
+    (first, x), *others = tensors.items()
+    for name, other in others:
+        if other.shape != x.shape:
+            raise ValueError(
+                f"{first} and {name} must have the same shape [B, D] (one teacher row per student "
+                f"row, same dimension); got {_shape(x)} and {_shape(other)}. Run the teacher on "
+                "the same batch as the student.")
+    if labels is not None and (not isinstance(labels, Tensor) or labels.dim() != 1):
         raise ValueError(
-            f"{name} must be a 2-D tensor of shape [B, D] (batch, feature dim); "
-            f"got {x.dim()}-D with shape {tuple(x.shape)}.{hint}"
-        )
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); pass B >= 1 rows.")
-
-
-def _check_pair(student_name: str, student: Tensor, teacher_name: str, teacher: Tensor) -> None:
-    _check_features(student_name, student)
-    _check_features(teacher_name, teacher)
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"{student_name} and {teacher_name} must have the same shape [B, D] (one teacher row "
-            f"per student row, same dimension); got {tuple(student.shape)} and "
-            f"{tuple(teacher.shape)}. Run the teacher on the same batch as the student."
-        )
-
-
-def _check_labels(labels: Tensor, batch_size: int, features_name: str) -> None:
-    if not isinstance(labels, Tensor):
-        raise ValueError(
-            f"labels must be a torch.Tensor of shape [B]; got {type(labels).__name__}."
-        )
-    if labels.dim() != 1:
-        raise ValueError(
-            f"labels must be a 1-D tensor of shape [B] with one class index per sample; got shape "
-            f"{tuple(labels.shape)}. If they are one-hot, use labels.argmax(dim=1); if [B, 1], "
-            f"use labels.view(-1)."
-        )
-    if labels.shape[0] != batch_size:
-        raise ValueError(
-            f"labels has {labels.shape[0]} entries but {features_name} has {batch_size} rows; "
-            f"pass exactly one label per feature row."
-        )
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0 (it divides the logits); got {value}.")
+            f"labels must be a 1-D tensor of shape [B] with one class index per sample; got "
+            f"{_shape(labels)}. If one-hot, use labels.argmax(dim=1); if [B, 1], labels.view(-1).")
+    if labels is not None and len(labels) != len(x):
+        raise ValueError(f"labels has {len(labels)} entries but {first} has {len(x)} rows; pass "
+                         "exactly one label per feature row.")
+    if tau is not None and not tau[1] > 0:
+        raise ValueError(f"{tau[0]} must be > 0 (it divides the logits); got {tau[1]}.")
 
 
 # --------------------------------------------------------------------------- CSD
 
 
-def csd_loss(
-    student_features: Tensor,
-    teacher_features: Tensor,
-    labels: Tensor,
-    temperature: float = 0.07,
-    variant: str = "paper",
-) -> Tensor:
+def csd_loss(student_features: Tensor, teacher_features: Tensor, labels: Tensor,
+             temperature: float = 0.07, variant: str = "paper") -> Tensor:
     r"""Contrastive Supervised Distillation: align the student's features of a class with the
     frozen teacher's features of that class, and push them away from the other classes'.
 
@@ -125,10 +103,9 @@ def csd_loss(
     1 (its log is then positive); the paper's Fig. 2 walk-through reads it the same way. Two
     things the paper leaves open, and what is done here:
 
-    - **No temperature is printed** (tau = 1 literally). tau is an argument; the default 0.07 is
-      the authors' code's value for their own form. On unit vectors tau = 1 confines every logit
-      to [-1, 1], so the loss can barely tell classes apart; which tau serves Eq. 8 is measured
-      by ``benchmarks/ablate_csd.py`` (README), not assumed.
+    - **No temperature is printed** (tau = 1 literally). tau is an argument, by default the
+      authors' code's 0.07: on unit vectors tau = 1 confines every logit to [-1, 1], so the loss
+      could barely tell classes apart. Which tau serves Eq. 8 best is measured, not assumed.
     - **Normalisation is not stated.** Both feature sets are L2-normalised here: without it the
       loss is unbounded below (grow t_i . s_i) and retrieval ranks by cosine anyway.
 
@@ -144,7 +121,7 @@ def csd_loss(
     SupConLoss also multiplies by ``temperature / base_temperature`` (base 0.07); omitted here,
     it is 1 at the default tau. This has student-student terms that Eq. 8 does not have.
 
-    Ablations (``benchmarks/ablate_csd.py``):
+    Ablations:
 
     - ``"transposed"``: student anchors against the teacher contrast set (Eq. 8 with the roles
       swapped, the denominator over every a). It is also exactly ``"official"`` with its
@@ -161,19 +138,11 @@ def csd_loss(
                 log( exp(s_i . s_p / tau) / \sum_{a \ne i} exp(s_i . s_a / tau) )
 
     with P''(i) = P(i) minus i itself.
-
-    Raises:
-        ValueError: features not 2-D, student/teacher shapes differ, labels not [B], a batch of
-            one sample (no contrast set), temperature not positive, or an unknown ``variant``
-            (valid: ``CSD_VARIANTS``).
     """
     if variant not in CSD_VARIANTS:
-        raise ValueError(
-            f"unknown CSD variant {variant!r}; valid variants are {list(CSD_VARIANTS)}."
-        )
-    _check_pair("student_features", student_features, "teacher_features", teacher_features)
-    _check_labels(labels, student_features.shape[0], "student_features")
-    _check_positive("temperature", temperature)
+        raise ValueError(f"unknown CSD variant {variant!r}; valid: {list(CSD_VARIANTS)}.")
+    features = {"student_features": student_features, "teacher_features": teacher_features}
+    _check(features, labels, ("temperature", temperature))
     batch = student_features.shape[0]
     if batch < 2:
         raise ValueError(
@@ -210,7 +179,8 @@ def csd_loss(
     log_prob = logits - log_denominator.unsqueeze(1)
     pos = pos.to(log_prob.dtype)
     n_pos = pos.sum(dim=1)
-    # masked_fill, not pos * log_prob: the -inf diagonal of "student" would give 0 * -inf = nan.
+    # log_prob comes from the unmasked logits, so it is finite everywhere, also at the entries
+    # left out of the denominator (a = i); masked_fill zeroes every entry outside the positives.
     per_anchor = -log_prob.masked_fill(pos == 0, 0.0).sum(dim=1) / n_pos.clamp_min(1)
     return per_anchor.mean()
 
@@ -233,12 +203,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 2.0) -> T
     i.e. ``F.kl_div(log_softmax(student/T), softmax(teacher/T), reduction="batchmean")``.
     There is deliberately NO T^2 factor (Hinton et al. add one to keep gradient magnitudes
     independent of T; the authors' code does not), so the value matches their objective.
-
-    Raises:
-        ValueError: logits not 2-D, shapes differ, or T not positive.
     """
-    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    _check_positive("T", T)
+    _check({"student_logits": student_logits, "teacher_logits": teacher_logits}, tau=("T", T))
     log_p = F.log_softmax(student_logits / T, dim=1)
     log_q = F.log_softmax(teacher_logits.detach() / T, dim=1)
     # Working with log q (not log of softmax) keeps 0 * log 0 terms finite.
@@ -269,12 +235,8 @@ def triplet_loss(features: Tensor, labels: Tensor, margin: float = 1.0) -> Tenso
     CosineSimilarity())`` with a ``BatchHardMiner``. Its default reducer (AvgNonZeroReducer)
     averages only over the triplets with non-zero loss, so easy anchors do not dilute the mean;
     here we average over all valid anchors, the textbook form (PML with ``MeanReducer()``).
-
-    Raises:
-        ValueError: features not 2-D or labels not [B].
     """
-    _check_features("features", features)
-    _check_labels(labels, features.shape[0], "features")
+    _check({"features": features}, labels)
 
     f = F.normalize(features, dim=1)
     dist = 1.0 - f @ f.T  # [B, B] cosine distance
@@ -310,11 +272,8 @@ def feature_distillation_loss(student_features: Tensor, teacher_features: Tensor
     The features are L2-normalised first: retrieval ranks by cosine similarity, so only
     directions matter, and on unit vectors each term is bounded in [0, 4] whatever the scale of
     the raw features (which grows freely during training).
-
-    Raises:
-        ValueError: features not 2-D or shapes differ.
     """
-    _check_pair("student_features", student_features, "teacher_features", teacher_features)
+    _check({"student_features": student_features, "teacher_features": teacher_features})
     s = F.normalize(student_features, dim=1)
     t = F.normalize(teacher_features.detach(), dim=1)
     return (s - t).pow(2).sum(dim=1).mean()

@@ -24,7 +24,6 @@ gallery, so memory is O(chunk_size * M) instead of O(N * M), with no per-query P
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,17 +31,16 @@ import torch
 import torch.nn.functional as F
 
 ArrayLike = np.ndarray | torch.Tensor
-TaskOfLabel = Sequence[int] | Mapping[Any, int] | np.ndarray  # label -> task index
 
 # -----------------------------------------------------------------------------
-# input checking and conversion
+# where user input enters: conversion and the checks the math needs
 
 
-def _as_features(x: ArrayLike, name: str, device: torch.device | None = None) -> torch.Tensor:
+def _features(x: ArrayLike, name: str, queries: torch.Tensor | None = None) -> torch.Tensor:
     """numpy array or tensor [N, D] -> float32 tensor [N, D] with unit-norm rows.
 
-    The tensor keeps its device (so CUDA inputs are scored on the GPU) unless `device`
-    is given, which is used to bring the gallery next to the queries.
+    The tensor keeps its device (so CUDA inputs are scored on the GPU); a gallery is given
+    its `queries` and moved next to them.
     """
     x = torch.as_tensor(x)
     if x.ndim != 2:
@@ -50,8 +48,13 @@ def _as_features(x: ArrayLike, name: str, device: torch.device | None = None) ->
             f"{name} must be 2-D [num_items, dim], got shape {tuple(x.shape)}; "
             "for a single embedding use x[None, :], for a flat batch use x.reshape(len(x), -1)"
         )
-    if device is not None:
-        x = x.to(device)
+    if queries is not None:
+        x = x.to(queries.device)
+        if x.shape[1] != queries.shape[1]:
+            raise ValueError(
+                f"{name} has dim {x.shape[1]} but the queries have dim {queries.shape[1]}; "
+                "queries and gallery must live in the same embedding space"
+            )
     if not torch.isfinite(x).all():
         # NaN features rank arbitrarily and would score near chance, looking like a bad model
         raise ValueError(
@@ -63,67 +66,55 @@ def _as_features(x: ArrayLike, name: str, device: torch.device | None = None) ->
     return F.normalize(x.float(), dim=1)
 
 
-def _as_labels(y: Any, n: int, name: str, features_name: str, device: torch.device) -> torch.Tensor:
-    """numpy array, tensor or sequence [N] -> tensor [N] on `device`."""
-    y = torch.as_tensor(y if isinstance(y, torch.Tensor) else np.asarray(y), device=device)
+def _labels(y: Any, rows: torch.Tensor, name: str, rows_name: str) -> torch.Tensor:
+    """numpy array, tensor or sequence [N] -> tensor [N] on the device of `rows` [N, D]."""
+    y = torch.as_tensor(y if isinstance(y, torch.Tensor) else np.asarray(y), device=rows.device)
     if y.ndim != 1:
         raise ValueError(f"{name} must be 1-D [num_items], got shape {tuple(y.shape)}")
-    if len(y) != n:
+    if len(y) != len(rows):
         raise ValueError(
-            f"{name} has {len(y)} entries but {features_name} has {n} rows; "
-            f"pass one label per row of {features_name}"
+            f"{name} has {len(y)} entries but {rows_name} has {len(rows)} rows; "
+            f"pass one label per row of {rows_name}"
         )
     return y
 
 
-def _check_k(k: int, num_candidates: int, exclude_self: bool) -> None:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer):
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got k={k}")
-    if k > num_candidates:
-        why = " after excluding each query's own row" if exclude_self else ""
-        fix = f"use k <= {num_candidates} or " if num_candidates >= 1 else "use "
+def _check_search(
+                  n_queries: int, n_gallery: int, exclude_self: bool, k: int | None, chunk_size: int
+                 ) -> None:
+    """What every search needs: aligned rows to exclude self, and k, chunk_size in range."""
+    if exclude_self and n_queries != n_gallery:
         raise ValueError(
-            f"k={k} is larger than the {num_candidates} gallery items a query can retrieve{why}; "
+            f"exclude_self=True needs as many queries as gallery rows (row i is image i), "
+            f"got {n_queries} queries and {n_gallery} gallery rows; pass exclude_self=False"
+        )
+    for name, value in (("k", k), ("chunk_size", chunk_size)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1
+        ):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    reachable = n_gallery - int(exclude_self)
+    if k is not None and k > reachable:
+        why = " after excluding each query's own row" if exclude_self else ""
+        fix = f"use k <= {reachable} or " if reachable >= 1 else "use "
+        raise ValueError(
+            f"k={k} is larger than the {reachable} gallery items a query can retrieve{why}; "
             f"{fix}a larger gallery"
         )
 
 
-def _check_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-
-
-def _set_diagonal(x: torch.Tensor, start: int, value: float | bool) -> None:
-    """In place: x[i, start + i] = value for every row i of a chunk x [c, M].
-
-    The chunk holds queries start..start+c-1, so these entries pair each query with its
-    own gallery row (exclude_self).
-    """
-    rows = torch.arange(x.shape[0], device=x.device)
-    x[rows, rows + start] = value
-
-
-def _resolve_sets(
-    features: ArrayLike,
-    labels: Any,
-    gallery: ArrayLike | None,
-    gallery_labels: Any,
-    exclude_self: bool | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def _sets(features: ArrayLike, labels: Any, gallery: ArrayLike | None, gallery_labels: Any,
+          exclude_self: bool | None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Apply the leave-one-out / query-gallery conventions (see the module docstring).
 
     Returns (queries [N, D], query labels [N], gallery [M, D], gallery labels [M],
     exclude_self), all on the queries' device, features normalised.
     """
-    q = _as_features(features, "features")
-    q_labels = _as_labels(labels, len(q), "labels", "features", q.device)
+    q = _features(features, "features")
+    q_labels = _labels(labels, q, "labels", "features")
     if len(q) == 0:
         raise ValueError("features is empty; pass at least one query row")
-
     if gallery is None:
         if gallery_labels is not None:
             raise ValueError(
@@ -137,46 +128,34 @@ def _resolve_sets(
             )
         return q, q_labels, q, q_labels, True
 
-    g = _as_features(gallery, "gallery", device=q.device)
-    if g.shape[1] != q.shape[1]:
+    g = _features(gallery, "gallery", queries=q)
+    if gallery_labels is not None:
+        g_labels = _labels(gallery_labels, g, "gallery_labels", "gallery")
+        return q, q_labels, g, g_labels, False if exclude_self is None else exclude_self
+    # same images embedded by another model: row i of the gallery is query i's image
+    if len(g) != len(q):
         raise ValueError(
-            f"features have dim {q.shape[1]} but gallery has dim {g.shape[1]}; "
-            "queries and gallery must live in the same embedding space"
+            f"gallery has {len(g)} rows but features has {len(q)}; without gallery_labels "
+            "the gallery must be the same images as the queries (aligned rows), "
+            "otherwise pass gallery_labels"
         )
-    if gallery_labels is None:
-        # same images embedded by another model: row i of the gallery is query i's image
-        if len(g) != len(q):
-            raise ValueError(
-                f"gallery has {len(g)} rows but features has {len(q)}; without gallery_labels "
-                "the gallery must be the same images as the queries (aligned rows), "
-                "otherwise pass gallery_labels"
-            )
-        g_labels = q_labels
-        exclude_self = True if exclude_self is None else exclude_self
-    else:
-        g_labels = _as_labels(gallery_labels, len(g), "gallery_labels", "gallery", q.device)
-        exclude_self = False if exclude_self is None else exclude_self
+    return q, q_labels, g, q_labels, True if exclude_self is None else exclude_self
 
-    if exclude_self and len(g) != len(q):
-        raise ValueError(
-            f"exclude_self=True needs as many queries as gallery rows (row i is image i), "
-            f"got {len(q)} queries and {len(g)} gallery rows; pass exclude_self=False"
-        )
-    return q, q_labels, g, g_labels, exclude_self
+
+def _set_diagonal(x: torch.Tensor, start: int, value: float | bool) -> None:
+    """In place: x[i, start + i] = value for each row i of a chunk x [c, M] of the queries
+    start..start+c-1, i.e. at each query's own gallery row (exclude_self)."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    x[rows, rows + start] = value
 
 
 # -----------------------------------------------------------------------------
 # retrieval
 
 
-def retrieve(
-    query_features: ArrayLike,
-    gallery_features: ArrayLike,
-    k: int,
-    exclude_self: bool = False,
-    *,
-    chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieve(query_features: ArrayLike, gallery_features: ArrayLike, k: int,
+             exclude_self: bool = False, *, chunk_size: int = 1024
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosine neighbours of each query in the gallery.
 
     query_features [N, D], gallery_features [M, D] (numpy or torch, any float dtype).
@@ -184,26 +163,14 @@ def retrieve(
     Returns (scores [N, k] float32, indices [N, k] int64), most similar first, on the
     queries' device.
     """
-    q = _as_features(query_features, "query_features")
-    g = _as_features(gallery_features, "gallery_features", device=q.device)
-    if g.shape[1] != q.shape[1]:
-        raise ValueError(
-            f"query_features have dim {q.shape[1]} but gallery_features have dim {g.shape[1]}; "
-            "queries and gallery must live in the same embedding space"
-        )
-    if exclude_self and len(q) != len(g):
-        raise ValueError(
-            f"exclude_self=True needs as many queries as gallery rows (row i is image i), "
-            f"got {len(q)} queries and {len(g)} gallery rows; pass exclude_self=False"
-        )
-    _check_k(k, len(g) - int(exclude_self), exclude_self)
-    _check_chunk_size(chunk_size)
+    q = _features(query_features, "query_features")
+    g = _features(gallery_features, "gallery_features", queries=q)
+    _check_search(len(q), len(g), exclude_self, k, chunk_size)
     return _topk(q, g, int(k), exclude_self, int(chunk_size))
 
 
-def _topk(
-    q: torch.Tensor, g: torch.Tensor, k: int, exclude_self: bool, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk(q: torch.Tensor, g: torch.Tensor, k: int, exclude_self: bool, chunk_size: int
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     """retrieve() on already normalised, checked tensors q [N, D], g [M, D]."""
     scores, indices = [], []
     for start in range(0, len(q), chunk_size):
@@ -214,47 +181,32 @@ def _topk(
         s, i = torch.topk(sim, k, dim=1)  # [c, k] each, sorted descending
         scores.append(s)
         indices.append(i)
-    if not scores:  # no queries
+    if not scores:  # no queries: torch.cat needs at least one chunk
         return q.new_empty(0, k), torch.empty(0, k, dtype=torch.long, device=q.device)
     return torch.cat(scores), torch.cat(indices)
 
 
-def recall_at_k(
-    features: ArrayLike,
-    labels: Any,
-    k: int = 1,
-    *,
-    gallery: ArrayLike | None = None,
-    gallery_labels: Any = None,
-    exclude_self: bool | None = None,
-    chunk_size: int = 1024,
-) -> float:
+def recall_at_k(features: ArrayLike, labels: Any, k: int = 1, *, gallery: ArrayLike | None = None,
+                gallery_labels: Any = None, exclude_self: bool | None = None,
+                chunk_size: int = 1024) -> float:
     """Recall@k: fraction of queries with at least one same-label item among their k
     nearest (cosine) gallery items.
 
     features [N, D], labels [N]; gallery [M, D], gallery_labels [M] optional (see the
     module docstring for leave-one-out vs query/gallery and the exclude_self defaults).
     """
-    q, q_labels, g, g_labels, exclude_self = _resolve_sets(
+    q, q_labels, g, g_labels, exclude_self = _sets(
         features, labels, gallery, gallery_labels, exclude_self
     )
-    _check_k(k, len(g) - int(exclude_self), exclude_self)
-    _check_chunk_size(chunk_size)
-
+    _check_search(len(q), len(g), exclude_self, k, chunk_size)
     _, idx = _topk(q, g, int(k), exclude_self, int(chunk_size))  # [N, k]
     hits = (g_labels[idx] == q_labels[:, None]).any(dim=1)  # [N]
     return hits.float().mean().item()
 
 
-def mean_average_precision(
-    features: ArrayLike,
-    labels: Any,
-    *,
-    gallery: ArrayLike | None = None,
-    gallery_labels: Any = None,
-    exclude_self: bool | None = None,
-    chunk_size: int = 1024,
-) -> float:
+def mean_average_precision(features: ArrayLike, labels: Any, *, gallery: ArrayLike | None = None,
+                           gallery_labels: Any = None, exclude_self: bool | None = None,
+                           chunk_size: int = 1024) -> float:
     """mAP over the full cosine ranking of the gallery.
 
     AP of a query = mean, over its positives (same-label gallery items, own row excluded),
@@ -265,12 +217,10 @@ def mean_average_precision(
     features [N, D], labels [N]; gallery [M, D], gallery_labels [M] optional (same
     conventions as `recall_at_k`).
     """
-    q, q_labels, g, g_labels, exclude_self = _resolve_sets(
+    q, q_labels, g, g_labels, exclude_self = _sets(
         features, labels, gallery, gallery_labels, exclude_self
     )
-    _check_chunk_size(chunk_size)
-    if exclude_self and len(g) < 2:
-        raise ValueError("leave-one-out mAP needs at least 2 items (1 query + 1 other)")
+    _check_search(len(q), len(g), exclude_self, None, chunk_size)
 
     ap_sum, num_valid = 0.0, 0
     ranks = torch.arange(1, len(g) + 1, device=q.device, dtype=torch.float32)  # [M]
@@ -292,7 +242,7 @@ def mean_average_precision(
         ap_sum += ap.double().sum().item()
         num_valid += int(valid.sum().item())
 
-    if num_valid == 0:
+    if num_valid == 0:  # also a leave-one-out set of one item: no other item to rank
         raise ValueError(
             "no query has a positive (a gallery item with the same label, self excluded), "
             "so mAP is undefined; check the labels, or that each class has >= 2 items"
@@ -305,7 +255,7 @@ def chance_recall_at_1(labels: Any) -> float:
     uniformly random other item, so chance = sum_c n_c (n_c - 1) / (N (N - 1)) for n_c items of
     class c among N. Print it beside every R@1 a reader must judge (1/C for C balanced classes,
     a little less). Also the chance level of cross-model retrieval on the same images."""
-    y = _to_numpy(labels)
+    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if y.ndim != 1 or len(y) < 2:
         raise ValueError(f"labels must be 1-D with at least 2 items, got shape {y.shape}")
     n_c = np.unique(y, return_counts=True)[1].astype(np.float64)
@@ -313,24 +263,7 @@ def chance_recall_at_1(labels: Any) -> float:
 
 
 # -----------------------------------------------------------------------------
-# classification
-
-
-def classification_accuracy(logits: ArrayLike, labels: Any) -> float:
-    """Fraction of rows whose argmax over logits [N, C] equals labels [N]."""
-    logits = torch.as_tensor(logits)
-    if logits.ndim != 2:
-        raise ValueError(
-            f"logits must be 2-D [num_items, num_classes], got shape {tuple(logits.shape)}"
-        )
-    labels = _as_labels(labels, len(logits), "labels", "logits", logits.device)
-    if len(logits) == 0:
-        raise ValueError("logits is empty; accuracy needs at least one row")
-    return (logits.argmax(dim=1) == labels).float().mean().item()
-
-
-# -----------------------------------------------------------------------------
-# continual-learning summaries
+# continual-learning summary
 
 
 def forgetting(R: np.ndarray) -> np.ndarray:
@@ -365,107 +298,3 @@ def forgetting(R: np.ndarray) -> np.ndarray:
             )
         f[j] = col[:-1].max() - col[-1]
     return f
-
-
-# -----------------------------------------------------------------------------
-# per-task retrieval over a continual run
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _task_of_items(labels: Any, task_of_label: TaskOfLabel) -> tuple[np.ndarray, int]:
-    """labels [N] -> (task index of each item [N], number of tasks)."""
-    labels = _to_numpy(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D [num_items], got shape {labels.shape}")
-    if isinstance(task_of_label, Mapping):
-        missing = sorted({lab.item() for lab in labels} - set(task_of_label))
-        if missing:
-            raise ValueError(f"labels {missing[:5]} have no entry in task_of_label")
-        tasks = np.array([task_of_label[lab.item()] for lab in labels], dtype=np.int64)
-        num_tasks = int(max(task_of_label.values())) + 1
-    else:
-        table = np.asarray(task_of_label, dtype=np.int64)  # [num_classes]
-        if table.ndim != 1:
-            raise ValueError(f"task_of_label must be 1-D (label -> task), got shape {table.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(table)):
-            raise ValueError(
-                f"labels must be integers in [0, {len(table)}) to index task_of_label, "
-                f"got range [{labels.min()}, {labels.max()}]; pass a dict for other labels"
-            )
-        tasks = table[labels.astype(np.int64)]
-        num_tasks = int(table.max()) + 1 if table.size else 0
-    return tasks, num_tasks
-
-
-def _rows(x: ArrayLike, mask: np.ndarray) -> ArrayLike:
-    """x[mask] for numpy or torch x (on any device)."""
-    if isinstance(x, torch.Tensor):
-        return x[torch.as_tensor(mask, device=x.device)]
-    return np.asarray(x)[mask]
-
-
-def task_recall_matrix(
-    features_per_step: Sequence[ArrayLike],
-    labels: Any,
-    task_of_label: TaskOfLabel,
-    k: int = 1,
-) -> np.ndarray:
-    """Recall@k per task after each training step.
-
-    features_per_step: one [N, D] array per trained step t, embeddings (by the model after
-    step t) of the test images of ALL tasks; labels [N]; task_of_label maps label -> task.
-    Returns R [T, J] (T steps, J tasks) with
-        R[t, j] = leave-one-out recall_at_k over the test images of task j only,  j <= t
-        R[t, j] = NaN,                                                              j > t
-    since the classes of a task not trained yet are not evaluated. Feed R to `forgetting`.
-    """
-    if len(features_per_step) == 0:
-        raise ValueError("features_per_step is empty; pass one [N, D] array per trained step")
-    tasks, num_tasks = _task_of_items(labels, task_of_label)
-    labels = _to_numpy(labels)
-
-    R = np.full((len(features_per_step), num_tasks), np.nan)
-    for t, feats in enumerate(features_per_step):
-        if len(feats) != len(labels):
-            raise ValueError(
-                f"features_per_step[{t}] has {len(feats)} rows but labels has {len(labels)}; "
-                "each step must embed the same test images, in the same order"
-            )
-        for j in range(min(t + 1, num_tasks)):
-            mask = tasks == j
-            if mask.sum() < 2:
-                raise ValueError(
-                    f"task {j} has {mask.sum()} test image(s); leave-one-out recall needs >= 2 "
-                    "per task (check labels and task_of_label)"
-                )
-            R[t, j] = recall_at_k(_rows(feats, mask), labels[mask], k)
-    return R
-
-
-def seen_recall(
-    features: ArrayLike,
-    labels: Any,
-    task_of_label: TaskOfLabel,
-    t: int,
-    k: int = 1,
-) -> float:
-    """Leave-one-out recall_at_k over the test images of all tasks <= t.
-
-    features [N, D], labels [N] cover the test images of all tasks; this is the
-    "average R@k over seen classes" after step t (one retrieval over the union, so
-    classes of different seen tasks compete, unlike the per-task `task_recall_matrix`).
-    """
-    tasks, _ = _task_of_items(labels, task_of_label)
-    if len(features) != len(tasks):
-        raise ValueError(
-            f"labels has {len(tasks)} entries but features has {len(features)} rows; "
-            "pass one label per row of features"
-        )
-    mask = tasks <= t
-    if not mask.any():
-        raise ValueError(f"no test image belongs to a task <= {t}; check t and task_of_label")
-    labels = _to_numpy(labels)
-    return recall_at_k(_rows(features, mask), labels[mask], k)

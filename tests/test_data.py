@@ -693,3 +693,11 @@ def test_normalize_by_hand():
     for ch, v in enumerate((128, 64, 32)):
         hand = (v / 255 - CIFAR100_MEAN[ch]) / CIFAR100_STD[ch]
         assert z[0, ch, 0, 0].item() == pytest.approx(hand, abs=1e-6)
+
+
+@pytest.mark.parametrize("size", [0, 2, 12.5])
+def test_an_image_size_that_cannot_be_is_refused_not_replaced_by_the_default(size):
+    from csdkit.data import load_dataset
+
+    with pytest.raises(ValueError, match="image_size must be an integer >= 4"):
+        load_dataset("digits", image_size=size)

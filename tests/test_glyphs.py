@@ -18,7 +18,7 @@ def small() -> dict:
 
 def test_classes_constant():
     assert len(GLYPH_CLASSES) == 40 == len(set(GLYPH_CLASSES))
-    # the look-alikes the docstring promises to leave out
+    # the look-alikes the data card (README) promises to leave out
     for char in "lIoOcsuvwxz01":
         assert (char in GLYPH_CLASSES) == (char in "IO")
 

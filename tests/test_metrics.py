@@ -17,13 +17,11 @@ from sklearn.metrics import average_precision_score
 from sklearn.neighbors import NearestNeighbors
 
 from csdkit.metrics import (
-    classification_accuracy,
+    chance_recall_at_1,
     forgetting,
     mean_average_precision,
     recall_at_k,
     retrieve,
-    seen_recall,
-    task_recall_matrix,
 )
 
 torch.set_num_threads(1)
@@ -281,16 +279,7 @@ def test_map_without_any_positive_raises():
 
 
 # -----------------------------------------------------------------------------
-# classification and continual-learning summaries
-
-
-def test_classification_accuracy():
-    logits = np.array([[2.0, 1.0, 0.0], [0.0, 0.5, 3.0], [1.0, 4.0, 0.0], [5.0, 0.0, 1.0]])
-    labels = np.array([0, 2, 0, 1])  # rows 0 and 1 right, rows 2 and 3 wrong
-    assert classification_accuracy(logits, labels) == pytest.approx(0.5)
-    assert classification_accuracy(torch.from_numpy(logits), torch.tensor(labels)) == 0.5
-    with pytest.raises(ValueError, match="labels has 3 entries but logits has 4 rows"):
-        classification_accuracy(logits, labels[:3])
+# continual-learning summary
 
 
 def test_forgetting_hand_computed():
@@ -323,53 +312,6 @@ def test_forgetting_errors():
         forgetting(R)
 
 
-def _continual_data():
-    rng = np.random.default_rng(21)
-    n = 90
-    y = np.arange(n) % 6  # 6 classes, 15 images each
-    task_of_label = [0, 0, 1, 1, 2, 2]  # 3 tasks of 2 classes
-    # three "models": features drift from step to step
-    base = rng.normal(size=(n, 8))
-    feats = [base + s * rng.normal(size=(n, 8)) for s in (0.0, 0.7, 1.4)]
-    return feats, y, task_of_label
-
-
-def test_task_recall_matrix_against_slices():
-    feats, y, task_of_label = _continual_data()
-    R = task_recall_matrix(feats, y, task_of_label, k=1)
-    assert R.shape == (3, 3)
-    tasks = np.asarray(task_of_label)[y]
-    for t in range(3):
-        for j in range(3):
-            if j > t:
-                assert np.isnan(R[t, j])
-            else:
-                m = tasks == j
-                assert R[t, j] == pytest.approx(recall_at_k(feats[t][m], y[m], k=1))
-                assert R[t, j] == pytest.approx(
-                    brute_recall(feats[t][m], y[m], feats[t][m], y[m], 1, exclude_self=True)
-                )
-    # a dict mapping and torch inputs give the same matrix
-    R2 = task_recall_matrix(
-        [torch.from_numpy(f) for f in feats], torch.from_numpy(y), dict(enumerate(task_of_label))
-    )
-    np.testing.assert_array_equal(np.isnan(R2), np.isnan(R))
-    np.testing.assert_allclose(R2[~np.isnan(R2)], R[~np.isnan(R)])
-    assert forgetting(R).shape == (2,)
-
-
-def test_seen_recall():
-    feats, y, task_of_label = _continual_data()
-    tasks = np.asarray(task_of_label)[y]
-    for t in range(3):
-        m = tasks <= t
-        expected = brute_recall(feats[2][m], y[m], feats[2][m], y[m], 1, exclude_self=True)
-        assert seen_recall(feats[2], y, task_of_label, t) == pytest.approx(expected)
-    assert seen_recall(feats[2], y, task_of_label, 2, k=3) == pytest.approx(
-        recall_at_k(feats[2], y, k=3)
-    )
-
-
 # -----------------------------------------------------------------------------
 # bad input
 
@@ -380,9 +322,9 @@ def test_value_errors():
         recall_at_k(x, y[:9])
     with pytest.raises(ValueError, match="labels has 9 entries but features has 10 rows"):
         mean_average_precision(x, y[:9])
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
         recall_at_k(x, y, k=0)
-    with pytest.raises(ValueError, match="k must be an integer"):
+    with pytest.raises(ValueError, match="k must be an integer >= 1, got 1.5"):
         recall_at_k(x, y, k=1.5)
     # leave-one-out: 9 candidates per query
     assert recall_at_k(x, y, k=9) == 1.0
@@ -412,17 +354,17 @@ def test_value_errors():
         recall_at_k(x, y, exclude_self=False)
     with pytest.raises(ValueError, match="gallery has dim 3"):
         recall_at_k(x, y, gallery=x[:, :3], gallery_labels=y)
-    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):
         recall_at_k(x, y, chunk_size=0)
     with pytest.raises(ValueError, match="larger than the 0 gallery items"):
         recall_at_k(x[:1], y[:1])
     with pytest.raises(ValueError, match="features is empty"):
         recall_at_k(x[:0], y[:0])
+    with pytest.raises(ValueError, match="no query has a positive"):  # nothing else to rank
+        mean_average_precision(x[:1], y[:1])
 
 
 def test_chance_recall_matches_a_brute_force_average_over_random_rankings():
-    from csdkit.metrics import chance_recall_at_1
-
     y = np.array([0, 0, 0, 1, 1, 2])
     # by hand: (3*2 + 2*1 + 1*0) / (6*5) = 8/30
     assert chance_recall_at_1(y) == pytest.approx(8 / 30)
@@ -450,25 +392,6 @@ def test_non_finite_features_are_refused():
             f(x, y, gallery=bad, gallery_labels=y)
     with pytest.raises(ValueError, match="query_features holds 2 NaN"):
         retrieve(bad, x, k=1)
-
-
-def test_continual_value_errors():
-    feats, y, task_of_label = _continual_data()
-    with pytest.raises(ValueError, match=r"features_per_step\[1\] has 89 rows"):
-        task_recall_matrix([feats[0], feats[1][:-1]], y, task_of_label)
-    with pytest.raises(ValueError, match="features_per_step is empty"):
-        task_recall_matrix([], y, task_of_label)
-    with pytest.raises(ValueError, match=r"labels must be integers in \[0, 5\)"):
-        task_recall_matrix(feats, y, task_of_label[:5])
-    with pytest.raises(ValueError, match="have no entry in task_of_label"):
-        task_recall_matrix(feats, y, {0: 0, 1: 0})
-    with pytest.raises(ValueError, match="no test image belongs to a task <= -1"):
-        seen_recall(feats[0], y, task_of_label, -1)
-    with pytest.raises(ValueError, match="labels has 90 entries but features has 89 rows"):
-        seen_recall(feats[0][:-1], y, task_of_label, 1)
-    # task 1 (classes 2, 3) has a single test image
-    with pytest.raises(ValueError, match="task 1 has 1 test image"):
-        task_recall_matrix([f[:5] for f in feats], np.array([0, 0, 1, 2, 4]), task_of_label)
 
 
 # -----------------------------------------------------------------------------
