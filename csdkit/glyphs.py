@@ -9,8 +9,6 @@ README's "Data card: glyphs".
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -267,17 +265,15 @@ def load_glyphs(
     """``build_glyphs`` through a cache at root/glyphs/glyphs-s{seed}-{size}px-{spf}.npz."""
     path = Path(root) / "glyphs" / f"glyphs-s{seed}-{size}px-{samples_per_font}.npz"
     if not path.exists():
+        from csdkit.runs import atomic_write
+
         data = build_glyphs(seed=seed, size=size, samples_per_font=samples_per_font)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # write beside the target and rename: a crash or a concurrent reader never sees half a file
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                # names as unicode arrays, so loading needs no pickle
-                np.savez_compressed(f, **{k: np.asarray(v) for k, v in data.items()})
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        arrays = {k: np.asarray(v) for k, v in data.items()}  # names as unicode: no pickle
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file, not a name: savez would append ".npz"
+                np.savez_compressed(f, **arrays)
+
+        atomic_write(path, write)
     with np.load(path) as npz:
         return {k: npz[k].tolist() if k in _NAME_KEYS else npz[k] for k in npz.files}

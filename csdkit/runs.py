@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,14 +119,20 @@ def cache_folder(root: str | Path, device: torch.device) -> Path:
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """write(temp path), fsync it, then rename it over `path`: after a crash or power cut the
-    file is either the old one or the whole new one, never half of either."""
+    file is the old one or the whole new one, never half; a temp name of its own per writer, so
+    two processes writing the same file never mix their bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj) -> None:  # atomically, creating the folder

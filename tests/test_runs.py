@@ -53,3 +53,17 @@ def test_a_shared_first_task_is_saved_under_the_later_task_defaults():
     first = runs.first_task_config(cfg)
     assert (first.lr_later, first.w_fd, first.csd_temperature) == (1e-3, 1.0, 0.07)
     assert first.epochs == 7  # a setting of the first task itself stays
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
+    target = tmp_path / "x.json"
+    runs.write_json(target, {"v": 1})
+
+    def crash(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        runs.atomic_write(target, crash)
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
