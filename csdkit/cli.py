@@ -155,13 +155,17 @@ def _run_command(a: argparse.Namespace) -> None:
           f"{precision(cfg, device)}, output {out}")
     res = run(cfg, a.method, out_dir=out, quiet=a.quiet, data=data,
               resume_anywhere=a.resume_anywhere)
-    R = np.asarray(res.recall, dtype=float)
+    s = res.to_json()
     with np.printoptions(precision=3, suppress=True):
-        print("R@1 task matrix (row: after task t, column: within task j's classes):\n", R)
-    print(f"the paper's Average (mean over tasks of R@1 within each task): "
-          f"{res.task_average_recall:.4f}\n"
-          f"R@1 pooled over all seen classes: {res.final_recall:.4f}   mAP: {res.seen_map[-1]:.4f}"
-          f"   accuracy: {res.accuracy[-1]:.4f}   old-class accuracy: {res.old_accuracy[-1]:.4f}")
+        print("R@1 task matrix (row: after task t, column: within task j's classes):\n",
+              np.asarray(res.recall, dtype=float), "\ncompatibility matrix on task 1's test "
+              "images (row: query model after task i, column: gallery model after task j):\n",
+              np.asarray(res.compatibility))
+    print(f"the paper's Average (mean over tasks of R@1 within each task): {s['task_avg_R@1']:.4f}"
+          f"\nR@1 pooled over all seen classes: {s['pooled_R@1']:.4f}   mAP: {res.seen_map[-1]:.4f}"
+          f"   accuracy: {res.accuracy[-1]:.4f}   old-class accuracy: {res.old_accuracy[-1]:.4f}"
+          f"\nAC (share of updates that are compatible, a tie counts): {s['AC']:.3f}   AM (mean "
+          f"of the compatibility matrix's lower triangle): {s['AM']:.3f}")
     print(f"wrote {out}/result.json and one checkpoint per task")
 
 
@@ -177,9 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             _run_command(a)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        # A user's mistake or a diverged run (bad option, missing data, another run's folder,
-        # NaN loss): say what and how to fix it, without a traceback. Anything else is a bug
-        # and keeps its traceback.
+        # A user's mistake or a diverged run: say what and how to fix it, without a traceback.
+        # Anything else is a bug and keeps its traceback.
         raise SystemExit(f"csdkit: error: {err}") from err
     except torch.cuda.OutOfMemoryError as err:  # a RuntimeError subclass, in every torch >= 2.2
         raise SystemExit(

@@ -60,9 +60,7 @@ class Course:
     _memo: dict = field(default_factory=dict, repr=False)
 
     def _cached(self, key: tuple, compute):
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
+        return self._memo[key] if key in self._memo else self._memo.setdefault(key, compute())
 
     def data(self, seed: int | None = None) -> tuple[Dataset, TaskSplit]:
         """The dataset, relabelled in the class order of `seed` (default: the first seed)."""
@@ -145,11 +143,9 @@ class Course:
         return self._cached(("baselines", seed), compute)
 
     def facts(self, method: str, seed: int) -> dict[str, float]:
-        """A run's numbers: from its task matrix (first_task_* within task 1's classes, after
-        task 1 and after the last; new_task the mean of its diagonal; old_tasks_final tasks
-        1..T-1 after the last), how far task 1's classes moved in feature space (drift_ratio,
-        first model -> final model) and how well the final model's queries find the first
-        model's gallery of task 1's test images (old_gallery_R1)."""
+        """A run's numbers: from its task matrix (first_task_* after task 1 / the last, new_task
+        its diagonal's mean, old_tasks_final tasks 1..T-1 at the end), the drift of task 1's
+        classes (drift_ratio) and the final model's R@1 in the first model's gallery."""
         def compute() -> dict[str, float]:
             r = self.runs([method], (seed,))[method][0]
             R = np.asarray(r.recall, dtype=float)
@@ -204,8 +200,7 @@ def worst_seed(seeds, f) -> float:
     return float(np.min([f(s) for s in seeds]))
 
 
-def seed_mean(seeds, f) -> float:
-    """The mean of f(seed) over the seeds: a claim about the seeds together."""
+def seed_mean(seeds, f) -> float:  # the mean of f(seed): a claim about the seeds together
     return float(np.mean([f(s) for s in seeds]))
 
 
@@ -217,8 +212,7 @@ def share_of_drop_avoided(c: Course, seeds, method: str) -> float:
     return 1 - kept / ft if ft > 0 else 0.0
 
 
-def interval_low(values) -> float:
-    """Lower end of the 95% t-interval of the mean (the paired interval of the demo)."""
+def interval_low(values) -> float:  # the lower end of the 95% t-interval of the mean
     return float(t_interval(np.asarray(values, dtype=float), 0.95)[0])
 
 
@@ -239,8 +233,7 @@ def sign_test(c: Course, a: str, b: str, seeds) -> tuple[int, int, float]:
     return wins, losses_, float(binomtest(wins, wins + losses_).pvalue)
 
 
-def difference(c: Course, a: str, b: str, key: str):
-    """seed -> facts(a)[key] - facts(b)[key]."""
+def difference(c: Course, a: str, b: str, key: str):  # seed -> facts(a)[key] - facts(b)[key]
     return lambda s: c.facts(a, s)[key] - c.facts(b, s)[key]
 
 

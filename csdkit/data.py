@@ -1,9 +1,8 @@
 """Data: datasets as uint8 image tensors, class-incremental task splits, batch augmentation.
 
-Every dataset becomes the same thing: `ImageSet`s of uint8 images [N, 3, H, W] and int64 labels
-[N], with a train/val/test split and per-channel mean/std. Keeping whole datasets as tensors
-(CIFAR-100's 50k training images are 150 MB) lets augmentation run on batches, on the CPU or on
-the GPU, with no DataLoader in the way.
+Every dataset becomes `ImageSet`s of uint8 images [N, 3, H, W] and int64 labels [N] (train,
+val, test) with per-channel mean/std. Whole datasets as tensors (CIFAR-100's training images
+are 150 MB) let augmentation run on batches, on the CPU or the GPU, with no DataLoader.
 
 Datasets:
 - `digits`   scikit-learn's bundled handwritten digits (8x8, 10 classes), the offline default.

@@ -217,27 +217,20 @@ def build_glyphs(seed: int = 0, size: int = 32, samples_per_font: int = 12) -> d
 
     # all random numbers up front, in one fixed order: faces (sorted) x classes x variants
     shape = (len(faces), len(GLYPH_CLASSES), samples_per_font)
-    params = np.stack(
-        [
-            np.deg2rad(rng.uniform(-12, 12, shape)),  # rotation
-            rng.uniform(0.8, 1.1, shape),  # scale
-            rng.uniform(-0.15, 0.15, shape),  # shear
-            rng.uniform(-1, 1, shape) * size / 16,  # x shift, output pixels
-            rng.uniform(-1, 1, shape) * size / 16,  # y shift
-            rng.uniform(0, 1, shape),  # stroke: <0.25 thicker, >=0.75 thinner
-        ],
-        axis=-1,
-    )
+    params = np.stack([np.deg2rad(rng.uniform(-12, 12, shape)),  # rotation
+                       rng.uniform(0.8, 1.1, shape),  # scale
+                       rng.uniform(-0.15, 0.15, shape),  # shear
+                       rng.uniform(-1, 1, shape) * size / 16,  # x shift, output pixels
+                       rng.uniform(-1, 1, shape) * size / 16,  # y shift
+                       rng.uniform(0, 1, shape)],  # stroke: <0.25 thicker, >=0.75 thinner
+                      axis=-1)
     sigma = rng.uniform(2, 16, shape)  # noise strength per image, in grey levels
     noise = rng.standard_normal((*shape, size, size), dtype=np.float32)
 
     canvas = size * SUPERSAMPLE
-    images = np.stack(
-        [
-            _jitter_face(_clean_glyphs(path, canvas), params[i], size)
-            for i, path in enumerate(usable_faces().values())
-        ]
-    ).reshape(*shape, size, size)
+    images = np.stack([_jitter_face(_clean_glyphs(path, canvas), params[i], size)
+                       for i, path in enumerate(usable_faces().values())])
+    images = images.reshape(*shape, size, size)
     images += noise * sigma[..., None, None].astype(np.float32)
     images = np.clip(np.round(images), 0, 255).astype(np.uint8)
 

@@ -1,25 +1,15 @@
-"""Retrieval and continual-learning metrics.
+"""Retrieval, continual-learning and compatibility metrics, each a small pure function.
 
-Everything here is a small pure function. Retrieval uses cosine similarity: rows are
-L2-normalised, so the similarity of two embeddings is their dot product.
-
-Shapes used in the docstrings:
-    N  queries            D  embedding dimension
-    M  gallery items      k  neighbours per query
-    T  trained steps      J  tasks
-
-Two retrieval settings are supported by `recall_at_k` and `mean_average_precision`:
+Retrieval ranks by cosine similarity (rows L2-normalised). Shapes: N queries, M gallery items,
+D embedding dimension, k neighbours, T trained steps, J tasks. Two settings:
 
 * leave-one-out (``gallery=None``): every item queries all the *other* items of the set;
-* query/gallery: queries come from one set of embeddings and are searched in another.
-  With ``gallery_labels=None`` the gallery holds the *same images* as the queries (row i of
-  both is image i) embedded by another model, e.g. queries from the new model and gallery
-  from the old one (cross-model compatibility). Query i must then not find its own image,
-  so ``exclude_self`` defaults to True. With ``gallery_labels`` given the two sets are
-  distinct and ``exclude_self`` defaults to False.
+* query/gallery. With ``gallery_labels=None`` the gallery is the *same images* as the queries
+  (row i of both is image i) embedded by another model, e.g. new queries against an old
+  gallery: query i must not find its own image, so ``exclude_self`` defaults to True. With
+  ``gallery_labels`` the two sets are distinct and ``exclude_self`` defaults to False.
 
-Similarities are computed a chunk of ``chunk_size`` queries at a time against the whole
-gallery, so memory is O(chunk_size * M) instead of O(N * M), with no per-query Python loop.
+Similarities are computed ``chunk_size`` queries at a time: memory O(chunk_size * M).
 """
 
 from __future__ import annotations
@@ -298,3 +288,51 @@ def forgetting(R: np.ndarray) -> np.ndarray:
             )
         f[j] = col[:-1].max() - col[-1]
     return f
+
+
+# -----------------------------------------------------------------------------
+# compatibility: new queries against an old model's gallery of the same images
+
+
+def compatibility_matrix(features: list[ArrayLike], labels: Any) -> torch.Tensor:
+    """M [T, T]: M[i, j] (i >= j) is R@1 of model i's queries against model j's gallery of the
+    same N images, a query never finding its own image; NaN above the diagonal.
+
+    features: T arrays [N, D], the same images (row n is image n) embedded by the model after
+    task 1..T; labels [N]. The diagonal is each model's own leave-one-out R@1; the lower
+    triangle is "new queries, old gallery" (Shen et al. 2020, BCT)."""
+    if len(features) == 0 or len({len(f) for f in features}) != 1:
+        raise ValueError(f"compatibility_matrix needs T >= 1 feature arrays of the same images "
+                         f"(one row per image), got {[len(f) for f in features]} rows")
+    T = len(features)
+    M = torch.full((T, T), float("nan"))
+    for i in range(T):
+        for j in range(i + 1):
+            M[i, j] = recall_at_k(features[i], labels, gallery=features[j])
+    return M
+
+
+def _lower_pairs(M: ArrayLike) -> tuple[np.ndarray, int]:
+    M = np.asarray(torch.as_tensor(M).cpu(), dtype=np.float64)
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"a compatibility matrix is square [T, T], got shape {M.shape}")
+    return M, M.shape[0]
+
+
+def average_compatibility(M: ArrayLike) -> float:
+    """AC (Biondi et al., CoReS): the share of pairs i > j whose update is compatible, i.e.
+    M[i, j] >= M[j, j]: model i's queries find model j's gallery at least as well as model j's
+    own queries do. A tie counts as compatible, as in the CoReS code; BCT's criterion is strict
+    (M[i, j] > M[j, j]). Pairs with a NaN are left out; NaN when no pair is left."""
+    M, T = _lower_pairs(M)
+    ok = [M[i, j] >= M[j, j] for i in range(T) for j in range(i)
+          if not (np.isnan(M[i, j]) or np.isnan(M[j, j]))]
+    return float(np.mean(ok)) if ok else float("nan")
+
+
+def average_multimodel_accuracy(M: ArrayLike) -> float:
+    """AM (CoReS): the mean of the lower triangle of M, diagonal included (NaNs left out)."""
+    M, T = _lower_pairs(M)
+    values = M[np.tril_indices(T)]
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")

@@ -112,7 +112,7 @@ class ResNet(nn.Module):
         return self.classifier(features), features
 
 
-def resnet(depth: int = 32, n_classes: int = 10) -> ResNet:
+def resnet(depth: int = 32, n_classes: int = 10) -> ResNet:  # the constructor, by name
     return ResNet(depth=depth, n_classes=n_classes)
 
 
@@ -139,10 +139,7 @@ def extract(
     model.eval()
     device = next(model.parameters()).device
     mean, std = channel_stats(mean, std, device)
-    feats, logits = [], []
-    for i in progress_bar(range(0, len(images), batch_size), quiet, desc="features"):
-        z, f = model(normalize(images[i : i + batch_size].to(device), mean, std))
-        feats.append(f.float())
-        logits.append(z.float())
+    batches = [model(normalize(images[i : i + batch_size].to(device), mean, std))
+               for i in progress_bar(range(0, len(images), batch_size), quiet, desc="features")]
     model.train(was_training)
-    return torch.cat(feats), torch.cat(logits)
+    return torch.cat([f.float() for _, f in batches]), torch.cat([z.float() for z, _ in batches])

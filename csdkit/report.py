@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from csdkit import metrics
 from csdkit.metrics import forgetting, recall_at_k
 from csdkit.models import extract, resnet
 from csdkit.runs import run_grid
@@ -24,6 +25,9 @@ METRICS = {
     "forgetting": "mean over old tasks of (best R@1 on it) - (final R@1 on it)",
     "old_acc": "classification accuracy on the old classes after the last task",
     "final_mAP": "mAP on all classes after the last task",
+    "AC": "average compatibility: share of model updates whose new queries find an old model's "
+          "gallery of task 1's test images at least as well as the old model does",
+    "AM": "average multi-model accuracy: mean R@1 of the compatibility matrix's lower triangle",
 }
 
 
@@ -37,6 +41,8 @@ def run_row(r: RunResult) -> dict:
             "first_task_drop": R[0, 0] - R[-1, 0] if continual else nan,
             "forgetting": float(np.mean(forgetting(R))) if continual else nan,
             "old_acc": r.old_accuracy[-1], "final_mAP": r.seen_map[-1],
+            "AC": metrics.average_compatibility(r.compatibility),
+            "AM": metrics.average_multimodel_accuracy(r.compatibility),
             "seconds": float(sum(r.seconds))}
 
 

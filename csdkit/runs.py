@@ -50,8 +50,7 @@ def run_id(identity: dict) -> str:  # 8 hex digits naming an identity, for folde
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def run_name(cfg: Config, method: str, data: Dataset) -> str:
-    """The folder name of a run: <dataset>-<method>-seed<seed>-<run_id of its identity>."""
+def run_name(cfg: Config, method: str, data: Dataset) -> str:  # <dataset>-<method>-seed<s>-<id>
     return f"{cfg.dataset}-{method}-seed{cfg.seed}-{run_id(run_identity(cfg, method, data))}"
 
 
@@ -108,8 +107,7 @@ def machine(device: torch.device) -> str:
             f"{arithmetic_fingerprint()})")
 
 
-def cache_folder(root: str | Path, device: torch.device) -> Path:
-    """root/torch<version>-<8 hex digits of `machine`>: the run cache of this machine."""
+def cache_folder(root: str | Path, device: torch.device) -> Path:  # the cache of this machine
     return Path(root) / f"torch{torch.__version__.split('+')[0]}-{run_id({'m': machine(device)})}"
 
 
@@ -248,10 +246,7 @@ def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 
     from csdkit.train import prepare, run
 
     folder = Path(folder)
-    data = {}  # by repr: configs are not hashable
-    for cfg, _ in runs:
-        if repr(cfg) not in data:
-            data[repr(cfg)] = prepare(cfg)
+    data = {repr(cfg): prepare(cfg) for cfg in {repr(c): c for c, _ in runs}.values()}
     plans = [{"cfg": cfg, "method": method, "quiet": True,
               "out_dir": folder / run_name(cfg, method, data[repr(cfg)][0]),
               "first": folder / first_name(cfg, data[repr(cfg)][0])} for cfg, method in runs]

@@ -68,8 +68,7 @@ CSD_VARIANT = {"csd": "paper", "csd_official": "official", "csd_transposed": "tr
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def uses_teacher(method: str) -> bool:
-    """Whether `method` distils from the previous model (only then is a teacher built and run)."""
+def uses_teacher(method: str) -> bool:  # only then is a teacher built and run
     return any(term in METHODS[method] for term in ("kd", "fd", "csd"))
 
 
@@ -116,7 +115,7 @@ class Config:
     # CUDA graphs: fine, the batches are static-shaped); False: off.
     compile: bool | str = False
 
-    def replace(self, **changes) -> Config:
+    def replace(self, **changes) -> Config:  # a copy with `changes`
         return dataclasses.replace(self, **changes)
 
     def check(self) -> None:
@@ -228,10 +227,9 @@ def precision(cfg: Config, device: torch.device) -> str:
 
 
 def make_cuda_deterministic() -> None:
-    """Same seed, same GPU, same numbers, as on a CPU: cuDNN's deterministic kernels and no
-    autotuning (which picks kernels by timing them), no TF32 (so "fp32" is fp32, not 10-bit
-    mantissas), and torch's deterministic mode, warn_only: an op with no deterministic kernel
-    warns instead of failing. Costs some speed; never verified on a GPU by the kit's tests."""
+    """Same seed, same GPU, same numbers: cuDNN's deterministic kernels, no autotuning (it picks
+    kernels by timing them), no TF32 (so "fp32" is fp32), torch's deterministic mode (warn_only:
+    an op with no deterministic kernel warns). Costs some speed; not yet verified on a GPU."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
@@ -386,6 +384,9 @@ class RunResult:
     val_recall: list[list[float]] = field(default_factory=list)  # validation task matrix
     val_seen_recall: list[float] = field(default_factory=list)  # pooled, validation images
     seconds: list[float] = field(default_factory=list)  # training time per task
+    # M[i][j]: model i's queries against model j's gallery of task 1's test images (the images
+    # every model has seen): metrics.compatibility_matrix
+    compatibility: list[list[float]] = field(default_factory=list)
     machine: str = ""  # where it trained, e.g. "cpu (..., AVX512, ...)"; see runs.machine
     precision: str = ""  # "fp32" or "bf16 autocast"
 
@@ -415,10 +416,12 @@ class RunResult:
         return self.recall[-1][0]
 
     def to_json(self) -> dict:
-        """Every field, plus the two summaries after the last task under the names the reports
-        use: task_avg_R@1 (the paper's Average) and pooled_R@1."""
+        """Every field, plus the summaries the reports use: task_avg_R@1 (the paper's Average)
+        and pooled_R@1 after the last task, AC and AM of the compatibility matrix."""
         return {**asdict(self), "task_avg_R@1": self.task_average_recall,
-                "pooled_R@1": self.final_recall}
+                "pooled_R@1": self.final_recall,
+                "AC": metrics.average_compatibility(self.compatibility),
+                "AM": metrics.average_multimodel_accuracy(self.compatibility)}
 
 
 def _task_row(feats: torch.Tensor, labels: torch.Tensor, split: TaskSplit, task: int) -> list:
@@ -477,12 +480,10 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
         resume_anywhere: bool = False, last_task: int | None = None) -> RunResult:
     """Train `method` task after task and evaluate after each task.
 
-    With `out_dir`, a checkpoint `task{t}.pt` is written after each task (weights, identity,
-    metrics) and a rerun resumes after the last finished task. A folder holding another run's
-    checkpoints (another config, method or data) is refused, never overwritten; so is one
-    trained on another machine or precision, unless `resume_anywhere` says that mixing them is
-    fine. Each task's weights are saved before it is evaluated, so a crash in evaluation costs
-    only the evaluation.
+    With `out_dir`, a checkpoint `task{t}.pt` (weights, identity, metrics) is saved after each
+    task, before it is evaluated, and a rerun resumes after the last finished task. Another
+    run's folder (config, method or data) is refused, never overwritten; so is one trained on
+    another machine or precision, unless `resume_anywhere` says mixing them is fine.
 
     first_task: a `task0.pt` of a run with the same data and config up to runs.LATER_TASKS_ONLY
     (every method but joint trains the first task identically, so one serves them all).
@@ -507,6 +508,7 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
         steps = steps[: last_task + 1]
     out = Path(out_dir) if out_dir is not None else None
     result = RunResult(method, identity, split.class_order, split.increments, **trained_on)
+    first_test, first_features = data.test.of_classes(split.classes(0)), []
     torch.manual_seed(cfg.seed)
     model = resnet(cfg.depth, len(steps[0])).to(device)
     for step, classes in enumerate(progress_bar(steps, quiet, desc=f"{method}: tasks")):
@@ -541,6 +543,8 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
             if ckpt is not None:
                 save_checkpoint(ckpt, model, {**info, "metrics": json.dumps(m)})
         result.add(m, seconds)
+        first_features.append(extract(model, first_test.images, data.mean, data.std)[0])
+    result.compatibility = metrics.compatibility_matrix(first_features, first_test.labels).tolist()
     if out is not None:
         write_json(out / "result.json", result.to_json())
     return result

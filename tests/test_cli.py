@@ -74,6 +74,8 @@ def test_run_trains_resumes_and_refuses_bad_input(tmp_path, capsys):
     assert json.loads((tmp_path / "r" / "result.json").read_text())["recall"] == first["recall"]
     out = capsys.readouterr().out
     assert "the paper's Average" in out and "R@1 pooled over all seen classes" in out
+    assert "compatibility matrix on task 1's test images" in out and "AC (share" in out
+    assert {"AC", "AM", "compatibility"} <= set(first)
     assert f"{first['recall'][-1][0] / 2 + first['recall'][-1][1] / 2:.4f}" in out
     with pytest.raises(SystemExit, match="csdkit: error: 3 tasks do not divide 10 classes"):
         main(["run", "--tasks", "3", "--out", str(tmp_path / "x"), "--quiet"])

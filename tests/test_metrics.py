@@ -410,3 +410,50 @@ def test_cuda_tensors_give_same_results():
     )
     scores, idx = retrieve(xc, xc, k=3, exclude_self=True)
     assert scores.device.type == "cuda" and idx.device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------
+# compatibility: brute force over every (query model, gallery model) pair
+
+
+def test_compatibility_matrix_against_a_loop_over_queries():
+    from csdkit.metrics import compatibility_matrix
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(24) % 4
+    feats = [torch.randn(24, 6, generator=g) + t * torch.randn(24, 6, generator=g)
+             for t in range(3)]
+    M = compatibility_matrix(feats, labels)
+    for i in range(3):
+        for j in range(3):
+            if j > i:
+                assert torch.isnan(M[i, j])
+                continue
+            q = torch.nn.functional.normalize(feats[i], dim=1)
+            gal = torch.nn.functional.normalize(feats[j], dim=1)
+            hits = 0
+            for n in range(24):  # nearest other image of model j's gallery, by cosine
+                sims = [float(q[n] @ gal[m]) if m != n else -9.0 for m in range(24)]
+                hits += int(labels[int(np.argmax(sims))] == labels[n])
+            assert M[i, j].item() == pytest.approx(hits / 24)
+
+
+def test_average_compatibility_and_multimodel_accuracy_on_hand_made_matrices():
+    from csdkit.metrics import average_compatibility, average_multimodel_accuracy
+
+    nan = float("nan")
+    M = [[0.8, nan, nan],
+         [0.8, 0.9, nan],   # (1, 0): 0.8 >= 0.8, a tie: compatible
+         [0.7, 0.95, 0.9]]  # (2, 0): 0.7 < 0.8 no; (2, 1): 0.95 >= 0.9 yes
+    assert average_compatibility(M) == pytest.approx(2 / 3)
+    assert average_multimodel_accuracy(M) == pytest.approx((0.8 + 0.8 + 0.9 + 0.7 + 0.95 + 0.9) / 6)
+    with_gap = [[0.8, nan], [nan, 0.9]]  # the only pair is unknown
+    assert np.isnan(average_compatibility(with_gap))
+    assert average_multimodel_accuracy(with_gap) == pytest.approx(0.85)
+    assert np.isnan(average_compatibility([[0.5]]))  # one model: no update to judge
+    with pytest.raises(ValueError, match="square"):
+        average_compatibility([[0.5, 0.4]])
+    with pytest.raises(ValueError, match="same images"):
+        from csdkit.metrics import compatibility_matrix
+
+        compatibility_matrix([torch.randn(4, 2), torch.randn(5, 2)], torch.arange(4))

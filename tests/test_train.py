@@ -453,3 +453,24 @@ def test_run_distils_from_a_frozen_teacher_in_eval_mode(tiny_data, monkeypatch):
     monkeypatch.setattr(train, "train_task", spy)
     run(TINY.replace(epochs=1), "fd", quiet=True, data=tiny_data)
     assert seen == [(False, False, False, True)]  # eval mode, no grad, a copy; student trains
+
+
+def test_run_reports_the_compatibility_matrix_of_its_models(tmp_path, tiny_data):
+    from csdkit import metrics
+    from csdkit.models import extract
+
+    data, split = tiny_data
+    r = run(TINY.replace(n_tasks=2), "finetune", out_dir=tmp_path, quiet=True, data=tiny_data)
+    M = np.asarray(r.compatibility, dtype=float)
+    assert M.shape == (2, 2) and np.isnan(M[0, 1])
+    # the diagonal is each model's own R@1 on task 1's test images: the task matrix's column 0
+    np.testing.assert_array_equal(np.diag(M), np.asarray(r.recall)[:, 0])
+    # the lower triangle: the final model's queries in the first model's gallery, rebuilt from
+    # the checkpoints
+    first = data.test.of_classes(split.classes(0))
+    f0, f1 = (extract(load_checkpoint(tmp_path / f"task{t}.pt")[0], first.images, data.mean,
+                      data.std)[0] for t in (0, 1))
+    assert M[1, 0] == pytest.approx(metrics.recall_at_k(f1, first.labels, gallery=f0))
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["AC"] == float(M[1, 0] >= M[0, 0])
+    assert saved["AM"] == pytest.approx((M[0, 0] + M[1, 0] + M[1, 1]) / 3)
