@@ -35,14 +35,15 @@ from csdkit.train import Config, RunResult, prepare, preset, resolve_device
 SEEDS = (0, 1, 2)
 
 
-def claim(statement: str, holds: bool, **measured: float) -> None:
-    """A notebook's claim check: print `✔ statement` (a fixed line, which the notebook tests
-    compare exactly), or fail with the measured values when the claim does not hold."""
-    if not holds:
-        values = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
-                           for k, v in measured.items())
-        raise AssertionError(f"✘ {statement}: does not hold here ({values})")
-    print(f"✔ {statement}")
+def claim(statement: str, holds: bool, **measured) -> None:
+    """A notebook's claim check: print `✔ statement`, or `✘ statement: does not hold here`, and
+    under it the measured values. The notebook tests compare the first line (so a ✘ fails
+    them) and ignore the second (notebooks/sanitize.cfg: the numbers move with the machine).
+    Nothing is raised, so "Run All" still reaches the exercises."""
+    print(f"✔ {statement}" if holds else f"✘ {statement}: does not hold here")
+    if measured:
+        print("  ↳ measured: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else
+                                           f"{k} = {v}" for k, v in measured.items()))
 
 
 def repository_root() -> Path:
@@ -173,8 +174,10 @@ class Course:
         """Measure claim `name` of CLAIMS over this course's seeds and check it (see `claim`)."""
         spec = CLAIMS[name]
         value = spec.measure(self, self.seeds)
-        claim(spec.statement, value >= spec.threshold, measured=value,
-              threshold=spec.threshold, seeds=self.seeds)
+        margin = spec.threshold - value if spec.at_most else value - spec.threshold
+        claim(spec.statement, spec.holds(value), measured=value,
+              **{"at most" if spec.at_most else "at least": spec.threshold}, margin=margin,
+              seeds=", ".join(map(str, self.seeds)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,14 +193,23 @@ DISTILLERS = ["lwf", "fd", "csd", "csd_official"]
 class Claim:
     notebook: str
     statement: str
-    measure: Callable[[Course, tuple[int, ...]], float]
-    threshold: float  # the claim holds when measure >= threshold
+    measure: Callable[[Course, tuple[int, ...]], float]  # (course, seeds) -> the statistic
+    threshold: float
+    at_most: bool = False  # the claim says "at most threshold"; otherwise "at least"
+
+    def holds(self, value: float) -> bool:
+        """Whether a measured value makes the statement true (a NaN never does)."""
+        return bool(value <= self.threshold if self.at_most else value >= self.threshold)
 
 
-def worst_seed(seeds, f) -> float:
-    """The smallest f(seed) over the seeds, for a claim that must hold in every seed. A NaN in
-    any seed gives NaN, which fails every claim (Python's min would skip it)."""
+def seed_min(seeds, f) -> float:
+    """The smallest f(seed), for "at least ... in every seed". A NaN in any seed gives NaN,
+    which fails every claim (Python's min would skip it); so does seed_max's."""
     return float(np.min([f(s) for s in seeds]))
+
+
+def seed_max(seeds, f) -> float:  # the largest f(seed), for "at most ... in every seed"
+    return float(np.max([f(s) for s in seeds]))
 
 
 def seed_mean(seeds, f) -> float:  # the mean of f(seed): a claim about the seeds together
@@ -218,8 +230,10 @@ def interval_low(values) -> float:  # the lower end of the 95% t-interval of the
 
 def sign_test(c: Course, a: str, b: str, seeds) -> tuple[int, int, float]:
     """Over every test query of task 1's classes (all seeds pooled), how many the final model of
-    `a` gets right (R@1, within task 1) and `b` wrong, the reverse, and the two-sided binomial
-    (sign test) p-value of that split: evidence from every query, not from a picked one."""
+    `a` gets right (R@1, within task 1) and `b` wrong (wins), the reverse (losses), and the
+    one-sided sign-test p-value of "a wins more often" (1 when no query tells them apart). It
+    treats the queries as independent trials: evidence about these trained models on these test
+    fonts, not about the method (the paired interval over seeds is that)."""
     wins = losses_ = 0
     for s in seeds:
         first = c.parts(s)["first"]
@@ -230,43 +244,45 @@ def sign_test(c: Course, a: str, b: str, seeds) -> tuple[int, int, float]:
             hit[m] = first.labels[idx[:, 0]] == first.labels
         wins += int((hit[a] & ~hit[b]).sum())
         losses_ += int((hit[b] & ~hit[a]).sum())
-    return wins, losses_, float(binomtest(wins, wins + losses_).pvalue)
+    if wins + losses_ == 0:
+        return 0, 0, 1.0
+    return wins, losses_, float(binomtest(wins, wins + losses_, alternative="greater").pvalue)
 
 
 def difference(c: Course, a: str, b: str, key: str):  # seed -> facts(a)[key] - facts(b)[key]
     return lambda s: c.facts(a, s)[key] - c.facts(b, s)[key]
 
 
-def _best_distiller_minus_raw(c: Course, seeds) -> float:
+def _raw_minus_best_distiller(c: Course, seeds) -> float:
     best = max(seed_mean(seeds, lambda s, m=m: c.facts(m, s)["pooled"]) for m in DISTILLERS)
-    return best - seed_mean(seeds, lambda s: c.raw(s)["raw_all"])
+    return seed_mean(seeds, lambda s: c.raw(s)["raw_all"]) - best
 
 
 CLAIMS: dict[str, Claim] = {
     # 01: the data and the protocol (nothing trained)
     "raw_far_above_chance": Claim(
         "01", "raw pixels retrieve at least 10 times above chance over all 40 classes",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.raw(s)["raw_all"] / c.raw(s)["chance_all"]),
+        lambda c, seeds: seed_min(seeds, lambda s: c.raw(s)["raw_all"] / c.raw(s)["chance_all"]),
         10.0),
     "raw_harder_with_more_classes": Claim(
         "01", "raw-pixel R@1 falls by at least 0.10 from task 1's classes to all 40 classes",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.raw(s)["raw_first"] - c.raw(s)["raw_all"]),
+        lambda c, seeds: seed_min(seeds, lambda s: c.raw(s)["raw_first"] - c.raw(s)["raw_all"]),
         0.10),
     # 02: the first task
     "first_model_good_on_its_classes": Claim(
         "02", "after task 1 the network retrieves task 1's letters with R@1 of at least 0.9",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.baselines(s)["first_model_first"]), 0.9),
+        lambda c, seeds: seed_min(seeds, lambda s: c.baselines(s)["first_model_first"]), 0.9),
     "first_model_beats_untrained_on_its_classes": Claim(
         "02", "on task 1's letters it beats the untrained network by at least 0.08",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.baselines(s)["first_model_first"] -
+        lambda c, seeds: seed_min(seeds, lambda s: c.baselines(s)["first_model_first"] -
                                 c.baselines(s)["untrained_first"]), 0.08),
     "first_model_below_raw_on_unseen": Claim(
         "02", "on the 32 letters it never saw, it falls at least 0.05 below raw pixels",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.baselines(s)["raw_unseen"] -
+        lambda c, seeds: seed_min(seeds, lambda s: c.baselines(s)["raw_unseen"] -
                                 c.baselines(s)["first_model_unseen"]), 0.05),
     "first_model_beats_untrained_on_unseen": Claim(
         "02", "on those unseen letters it still beats the untrained network by at least 0.03",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.baselines(s)["first_model_unseen"] -
+        lambda c, seeds: seed_min(seeds, lambda s: c.baselines(s)["first_model_unseen"] -
                                 c.baselines(s)["untrained_unseen"]), 0.03),
     # 03: fine-tuning forgets
     "ft_forgets": Claim(
@@ -275,21 +291,21 @@ CLAIMS: dict[str, Claim] = {
         lambda c, seeds: seed_mean(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.08),
     "ft_forgets_every_seed": Claim(
         "03", "and it falls in every seed, by at least 0.05",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.05),
+        lambda c, seeds: seed_min(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.05),
     "classification_collapses": Claim(
         "03", "classification forgets completely: old-class accuracy after task 5 is at most "
               "0.05 in every seed",
-        lambda c, seeds: worst_seed(
-            seeds, lambda s: 0.05 - c.facts("finetune", s)["old_class_accuracy"]), 0.0),
+        lambda c, seeds: seed_max(seeds, lambda s: c.facts("finetune", s)["old_class_accuracy"]),
+        0.05, at_most=True),
     "retrieval_survives": Claim(
         "03", "retrieval does not: the old tasks' within-task R@1 stays at least 0.6 (5 times "
               "chance) in every seed",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.facts("finetune", s)["old_tasks_final"]),
+        lambda c, seeds: seed_min(seeds, lambda s: c.facts("finetune", s)["old_tasks_final"]),
         0.6),
     "ft_drifts": Claim(
         "03", "fine-tuning moves task 1's classes by at least 0.8 of the distance between two of "
               "them, in every seed",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.facts("finetune", s)["drift"]), 0.8),
+        lambda c, seeds: seed_min(seeds, lambda s: c.facts("finetune", s)["drift"]), 0.8),
     # 04: LwF and feature distillation
     "fd_keeps_half": Claim(
         "04", "feature distillation keeps at least half of fine-tuning's first-task drop",
@@ -297,15 +313,16 @@ CLAIMS: dict[str, Claim] = {
     "fd_beats_lwf_on_task_1": Claim(
         "04", "KD alone keeps less of task 1: FD's first-task R@1 beats LwF's by at least 0.04 "
               "in every seed",
-        lambda c, seeds: worst_seed(seeds, difference(c, "fd", "lwf", "first_task_final")), 0.04),
+        lambda c, seeds: seed_min(seeds, difference(c, "fd", "lwf", "first_task_final")), 0.04),
     "fd_still_learns": Claim(
         "04", "FD learns each new task about as well as fine-tuning (task-matrix diagonal at "
               "most 0.03 lower, every seed)",
-        lambda c, seeds: worst_seed(seeds, difference(c, "fd", "finetune", "new_task")), -0.03),
+        lambda c, seeds: seed_max(seeds, difference(c, "finetune", "fd", "new_task")), 0.03,
+        at_most=True),
     "fd_moves_less": Claim(
         "04", "FD moves task 1's classes less than fine-tuning, by at least 0.05 class "
               "distances in every seed",
-        lambda c, seeds: worst_seed(seeds, difference(c, "finetune", "fd", "drift")), 0.05),
+        lambda c, seeds: seed_min(seeds, difference(c, "finetune", "fd", "drift")), 0.05),
     # 05: CSD
     "csd_beats_ft": Claim(
         "05", "CSD as Eq. 8 raises the paper's Average over fine-tuning's by at least 0.02, on "
@@ -316,27 +333,26 @@ CLAIMS: dict[str, Claim] = {
         lambda c, seeds: seed_mean(seeds, difference(c, "csd_official", "csd", "task_avg")), 0.02),
     "official_level_with_fd": Claim(
         "05", "and ends level with FD: their Averages differ by at most 0.04 on average",
-        lambda c, seeds: 0.04 - abs(seed_mean(seeds,
-                                              difference(c, "csd_official", "fd", "task_avg"))),
-        0.0),
+        lambda c, seeds: abs(seed_mean(seeds, difference(c, "csd_official", "fd", "task_avg"))),
+        0.04, at_most=True),
     "official_moves_less": Claim(
         "05", "the authors' form moves task 1's classes less than fine-tuning, by at least 0.1 "
               "class distances in every seed",
-        lambda c, seeds: worst_seed(seeds, difference(c, "finetune", "csd_official", "drift")),
+        lambda c, seeds: seed_min(seeds, difference(c, "finetune", "csd_official", "drift")),
         0.1),
     # 06: the whole comparison
     "joint_beats_raw": Claim(
         "06", "learning matters: joint training's pooled R@1 beats raw pixels' by at least 0.10",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.facts("joint", s)["pooled"] -
+        lambda c, seeds: seed_min(seeds, lambda s: c.facts("joint", s)["pooled"] -
                                 c.raw(s)["raw_all"]), 0.10),
     "ft_below_raw": Claim(
         "06", "fine-tuning ends below raw pixels: pooled R@1 at least 0.08 lower in every seed",
-        lambda c, seeds: worst_seed(seeds, lambda s: c.raw(s)["raw_all"] -
+        lambda c, seeds: seed_min(seeds, lambda s: c.raw(s)["raw_all"] -
                                 c.facts("finetune", s)["pooled"]), 0.08),
     "best_distiller_level_with_raw": Claim(
         "06", "the best distillation method ends at least level with raw pixels (pooled R@1 at "
               "most 0.02 below)",
-        _best_distiller_minus_raw, -0.02),
+        _raw_minus_best_distiller, 0.02, at_most=True),
     "best_distiller_beats_ft": Claim(
         "06", "the best distillation method beats fine-tuning on the paper's Average, with a "
               "paired 95% interval above 0",
@@ -345,14 +361,15 @@ CLAIMS: dict[str, Claim] = {
     "old_gallery_lost": Claim(
         "06", "no method keeps the old gallery usable: new queries against the first model's "
               "gallery stay below R@1 0.5",
-        lambda c, seeds: min(worst_seed(seeds, lambda s, m=m: 0.5 - c.facts(m, s)["old_gallery_R1"])
-                             for m in ["finetune", *DISTILLERS]), 0.0),
+        lambda c, seeds: max(seed_max(seeds, lambda s, m=m: c.facts(m, s)["old_gallery_R1"])
+                             for m in ["finetune", *DISTILLERS]), 0.5, at_most=True),
     "fd_compat_beats_ft": Claim(
         "06", "but FD's new model finds it better than fine-tuning's, by at least 0.05 on average",
         lambda c, seeds: seed_mean(seeds, difference(c, "fd", "finetune", "old_gallery_R1")), 0.05),
     "fd_wins_the_sign_test": Claim(
-        "06", "over every task-1 query, FD's final model gets right far more of fine-tuning's "
-              "misses than the reverse (sign test p < 0.001)",
+        "06", "over every task-1 query, FD's final models get right far more of fine-tuning's "
+              "misses than the reverse (one-sided sign test p < 0.001; about these models on "
+              "these test fonts, not about the method)",
         lambda c, seeds: float(-np.log10(sign_test(c, "fd", "finetune", seeds)[2])), 3.0),
 }
 
