@@ -5,9 +5,8 @@
     runs = c.runs(["finetune", "fd"])        # {method: [RunResult per seed]}, cached
     course.claim("fine-tuning forgets", drop >= 0.10, drop=drop)
 
-Training happens in worker processes, one torch thread each (a run's last digits depend on
-its thread count, so never on how many workers there are). Finished runs are cached under
-runs/cache/ per torch release and machine, named by identity (see csdkit.runs).
+Runs train in worker processes, one torch thread each (so their last digits never depend on
+how many run at once), and are cached under runs/cache/ (csdkit.runs).
 """
 
 from __future__ import annotations
@@ -111,8 +110,8 @@ class Course:
     # the numbers the claims use, per seed (memoised)
 
     def parts(self, seed: int) -> dict[str, ImageSet]:
-        """The test images the course scores on: "first" (task 1's classes), "unseen" (the
-        classes of tasks 2..T, which the first model never saw) and "all"."""
+        """The test images scored on: "first" (task 1's classes), "unseen" (tasks 2..T's)
+        and "all"."""
         data, split = self.data(seed)
         return {"first": data.test.of_classes(split.classes(0)),
                 "unseen": data.test.of_classes(range(split.seen(0), data.n_classes)),
@@ -166,8 +165,7 @@ class Course:
         return self._cached(("facts", method, seed), compute)
 
     def replace(self, **changes) -> Course:
-        """The same course with other settings (e.g. lr_later=1e-3, for an exercise), sharing
-        the run cache: what it trains is cached under its own identity."""
+        """The same course with other settings (e.g. lr_later=1e-3), sharing the run cache."""
         return Course(self.cfg.replace(**changes), self.seeds, self.cache, self.workers)
 
     def check(self, name: str) -> None:
@@ -203,8 +201,7 @@ class Claim:
 
 
 def seed_min(seeds, f) -> float:
-    """The smallest f(seed), for "at least ... in every seed". A NaN in any seed gives NaN,
-    which fails every claim (Python's min would skip it); so does seed_max's."""
+    """The smallest f(seed): "at least ... in every seed". A NaN gives NaN, failing the claim."""
     return float(np.min([f(s) for s in seeds]))
 
 
@@ -229,11 +226,10 @@ def interval_low(values) -> float:  # the lower end of the 95% t-interval of the
 
 
 def sign_test(c: Course, a: str, b: str, seeds) -> tuple[int, int, float]:
-    """Over every test query of task 1's classes (all seeds pooled), how many the final model of
-    `a` gets right (R@1, within task 1) and `b` wrong (wins), the reverse (losses), and the
-    one-sided sign-test p-value of "a wins more often" (1 when no query tells them apart). It
-    treats the queries as independent trials: evidence about these trained models on these test
-    fonts, not about the method (the paired interval over seeds is that)."""
+    """Over task 1's test queries (seeds pooled): how many the final model of `a` gets right
+    (R@1 within task 1) and `b` wrong, the reverse, and the one-sided sign-test p of "a wins
+    more often" (1 if none differ). Queries as independent trials: about these models on these
+    test fonts, not the method (the paired interval over seeds is that)."""
     wins = losses_ = 0
     for s in seeds:
         first = c.parts(s)["first"]

@@ -13,14 +13,9 @@ pytorch-metric-learning. Notation used in the docstrings:
 
 Objective of the paper: task 1 uses CE + triplet; task t > 1 uses CE + triplet + KD + CSD.
 
-The teacher is frozen, so every loss here treats teacher tensors as constants: they are detached
-inside the function. The caller should still compute them under ``torch.no_grad()`` (that saves
-the memory of the teacher's graph); detaching here only guarantees that a forgotten ``no_grad``
-can never push gradients into the teacher.
-
-Every loss raises a ValueError that says how to fix an input it cannot be computed on (features
-not a non-empty [B, D] batch, student and teacher shapes that differ, labels not [B], a
-temperature not > 0); `csd_loss` also refuses a batch of one and an unknown variant.
+The teacher is frozen: teacher tensors are detached here too, so a forgotten ``no_grad`` in the
+caller (which saves the teacher graph's memory) can never push gradients into the teacher.
+An input a loss cannot be computed on raises a ValueError that says how to fix it.
 """
 
 from __future__ import annotations

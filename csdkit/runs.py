@@ -61,14 +61,12 @@ def first_task_config(cfg: Config) -> Config:
     return cfg.replace(**{k: getattr(defaults, k) for k in LATER_TASKS_ONLY if k != "method"})
 
 
-def first_name(cfg: Config, data: Dataset) -> str:
-    """The folder name of the first task shared by runs that differ only in LATER_TASKS_ONLY."""
+def first_name(cfg: Config, data: Dataset) -> str:  # the folder of a shared first task
     return f"{cfg.dataset}-first-seed{cfg.seed}-" \
            f"{run_id(run_identity(first_task_config(cfg), 'finetune', data))}"
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what the platform says."""
+def cpu_name() -> str:  # the CPU's model name (Linux), else what the platform says
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
     names = [x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")]
@@ -144,8 +142,7 @@ def refuse_existing(path: Path) -> Path:
     return Path(path)
 
 
-def save_checkpoint(path: Path, model: ResNet, info: dict) -> None:
-    """The weights (on the CPU) and `info` (identity, metrics, ...) in one file."""
+def save_checkpoint(path: Path, model: ResNet, info: dict) -> None:  # weights and `info`
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: torch.save({"model": state, **info}, tmp))
 

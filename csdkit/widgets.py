@@ -11,9 +11,8 @@ query: an old-class query whose neighbours turned into new-class images.
     explorer.query.value = 7; explorer.results["csd"]["ap"]
 
 Two halves: the ranking (`model_features`, `rank_query`: tensors in, plain dicts out) and the
-widget that shows it. What the display shows is also plain state (`results`, `summary.value`),
-so tests check it without a browser; the grid is drawn with matplotlib's object API (no pyplot),
-so no stray figure lands in the cell's outputs and the notebook stays deterministic for nbval.
+widget that shows it, as plain state too (`results`, `summary.value`), drawn with matplotlib's
+object API (no pyplot: no stray figure lands in the cell's outputs).
 """
 
 from __future__ import annotations
