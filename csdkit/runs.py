@@ -114,14 +114,15 @@ def cache_folder(root: str | Path, device: torch.device) -> Path:  # the cache o
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(temp path), fsync it, then rename it over `path`: after a crash or power cut the
-    file is the old one or the whole new one, never half; a temp name of its own per writer, so
-    two processes writing the same file never mix their bytes."""
+    """write(temp path), fsync, rename over `path`: after a crash the file is the old or the whole
+    new one; a temp name per writer, so two processes never mix their bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
+    os.umask(umask := os.umask(0o22))  # read it: mkstemp makes files private, these are not
     try:
+        os.chmod(tmp, 0o666 & ~umask)
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -131,12 +132,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def write_json(path: Path, obj) -> None:  # atomically, creating the folder
+def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=float)))
 
 
-def refuse_existing(path: Path) -> Path:
-    """A results file is evidence a README may cite: never replaced. Call it before the work."""
+def refuse_existing(path: Path) -> Path:  # results are evidence: refuse before any work
     if Path(path).exists():
         raise SystemExit(f"{path} exists; pass --out another path (or delete it on purpose)")
     return Path(path)

@@ -67,3 +67,10 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
         runs.atomic_write(target, crash)
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_written_files_get_the_users_usual_permissions(tmp_path):
+    umask = os.umask(0o22)
+    os.umask(umask)
+    runs.write_json(tmp_path / "r.json", {})
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
