@@ -41,7 +41,8 @@ def demo(preset_name: str, seeds: list[int], methods: list[str], out: Path, work
             "runs": run_identity(cfg, "+".join(methods), data[0])}
     folder = out / f"{preset_name}-{cfg.dataset}-{run_id(what)}"
     print(f"demo: {', '.join(methods)} on {cfg.dataset} ({cfg.n_tasks} tasks, ResNet-"
-          f"{cfg.depth}, {cfg.epochs} epochs a task), seeds {seeds}: {len(methods) * len(seeds)} "
+          f"{cfg.depth}, {cfg.epochs_first or cfg.epochs} epochs on the first task, {cfg.epochs} "
+          f"on each later one), seeds {seeds}: {len(methods) * len(seeds)} "
           f"runs, {workers} at a time, one thread each", flush=True)
     start = time.perf_counter()
     results, rows = report.compare(cfg, {m: (m, {}) for m in methods}, seeds, cache, workers)
