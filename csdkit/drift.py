@@ -1,16 +1,12 @@
-"""Feature drift in one 2-D frame: where did the old classes go when the model learned new ones?
+"""Feature drift in 2-D: where did the old classes go when the model learned new ones?
 
-The same test images are embedded by the old model (end of an earlier task) and by new ones
-(end of a later task, one per method, all continuing from that old model). `DriftMap` fits
-UMAP on the old model's features only and places each new model's features into that map with
-UMAP's `transform`, so the old points stay put and several methods share one frame: the same
-place means the same thing. An arrow from an old class centroid to its new one shows where the
-new model put a class that a gallery indexed by the old model expects in one place.
-
-Read the arrows as directions, not lengths: UMAP keeps neighbourhoods, not distances, and
-`place` is approximate. The numbers to quote are computed in feature space: `drift_ratio` (how
-far classes moved, in units of the distance between two old classes) and `centroid_shift` (per
-class, the cosine distance between old and new mean direction).
+`DriftMap` fits UMAP on the old model's features of some test images. A new model's features of
+the same images are then drawn either in their own UMAP map aligned onto the old one
+(`align`: a Procrustes fit of the class centroids; each model keeps its own neighbourhoods) or
+placed into the old map with UMAP's `transform` (`place`: what a gallery embedded by the old
+model sees, i.e. compatibility). UMAP keeps neighbourhoods, not distances: the numbers to quote
+are `map_recall_at_1` (does the picture separate the classes?) and, in feature space,
+`drift_ratio` and `centroid_shift`.
 
 UMAP is compiled by numba the first time it runs in a process (about 30 s on 2 CPU cores);
 `DriftMap` turns on numba's on-disk cache for umap's jitted functions so that later processes
@@ -27,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from scipy.linalg import orthogonal_procrustes
 
 ARROWS = ("centroids", "samples", "both", None)
 GREY = "0.7"  # plot_drift's colour for the new task's classes: context, not the subject
@@ -112,18 +109,13 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 class DriftMap:
-    """A 2-D UMAP frame fitted on the old model's features, into which new models are placed.
+    """A 2-D UMAP map of the old model's features, and new models drawn against it.
 
-    old_features: [N, D] (numpy or torch), L2-normalised (retrieval compares directions) and
-    fitted with the cosine metric; `old_2d` [N, 2] float32 is the fitted map. `place(new [N',
-    D])` -> [N', 2] float32 puts a new model's features into the frame without moving `old_2d`.
-
-    Deterministic for a seed (random_state, which makes UMAP single-threaded, and
-    transform_seed); silent (no warnings, nothing on stderr). n_neighbors is capped at N - 1.
-    n_epochs=None is UMAP's default (500 below 10k points, 100 for `place`); a given n_epochs
-    makes `place` run a third of it. `place` is approximate: features equal to the old ones land
-    near their fitted positions, not on them (except the very array fitted, which UMAP answers
-    with `old_2d`), so short arrows are placement noise, not drift.
+    old_features: [N, D] (numpy or torch), L2-normalised and fitted with the cosine metric;
+    `old_2d` [N, 2] float32 is the map. Deterministic for a seed (random_state, which makes UMAP
+    single-threaded, and transform_seed); silent (nothing on stderr). n_neighbors is capped at
+    N - 1; n_epochs=None is UMAP's default. `place` is approximate: features equal to the old
+    ones land near their fitted positions, not on them, so short arrows there are noise.
     """
 
     def __init__(self, old_features: Any, seed: int = 0, n_neighbors: int = 15,
@@ -132,17 +124,37 @@ class DriftMap:
         _require(len(old) >= 4, f"need at least 4 images, got {len(old)}")  # spectral init
         _require(n_neighbors >= 2, f"n_neighbors must be >= 2, got {n_neighbors}")
         self.dim = old.shape[1]
+        self._settings = dict(
+            n_neighbors=min(n_neighbors, len(old) - 1), min_dist=min_dist, metric="cosine",
+            n_epochs=n_epochs, random_state=seed, transform_seed=seed,
+            n_jobs=1,  # what random_state implies anyway; saying it avoids umap's warning
+            verbose=False)  # no tqdm bars, no log lines
         with _quiet_umap() as umap:
-            self._reducer = umap.UMAP(
-                n_neighbors=min(n_neighbors, len(old) - 1), min_dist=min_dist, metric="cosine",
-                n_epochs=n_epochs, random_state=seed, transform_seed=seed,
-                n_jobs=1,  # what random_state implies anyway; saying it avoids umap's warning
-                verbose=False)  # no tqdm bars, no log lines
+            self._reducer = umap.UMAP(**self._settings)
             xy = self._reducer.fit_transform(_l2_normalise(old).astype(np.float32))
         self.old_2d = xy.astype(np.float32)  # a copy: the reducer keeps its own
 
+    def align(self, new_features: Any, labels: Any) -> np.ndarray:
+        """The same N images under a new model, [N, D] -> [N, 2]: the new model's own UMAP map
+        (same settings and seed), rotated, reflected, scaled and shifted so that its class
+        centroids best match the old map's (least squares: Procrustes). Each model keeps its own
+        neighbourhoods, so the picture shows how well it still separates the classes; `place`
+        shows instead where the old model's neighbourhoods put its features (what a gallery
+        embedded by the old model sees: compatibility)."""
+        _, new, labels = _check_pair(np.zeros((len(self.old_2d), self.dim)), new_features,
+                                     labels)
+        with _quiet_umap() as umap:
+            xy = umap.UMAP(**self._settings).fit_transform(_l2_normalise(new).astype(np.float32))
+        classes = np.unique(labels)
+        a = np.stack([xy[labels == c].mean(0) for c in classes])
+        b = np.stack([self.old_2d[labels == c].mean(0) for c in classes])
+        a0, b0 = a - a.mean(0), b - b.mean(0)
+        rotation, singular_sum = orthogonal_procrustes(a0, b0)
+        scale = singular_sum / max((a0**2).sum(), 1e-12)
+        return ((xy - a.mean(0)) @ rotation * scale + b.mean(0)).astype(np.float32)
+
     def place(self, new_features: Any) -> np.ndarray:
-        """[N', D] features of a new model -> [N', 2] float32 positions in this frame."""
+        """[N', D] features of a new model -> [N', 2] float32, placed into the old map."""
         new = _as_2d_array(new_features, "new_features")
         _require(new.shape[1] == self.dim and len(new) > 0,
                  f"new_features must be [N', {self.dim}] with N' >= 1 (the dimension the map "
@@ -153,6 +165,15 @@ class DriftMap:
 
 
 # the numbers: how far classes moved, in feature space ---------------------------------------------
+
+
+def map_recall_at_1(xy: Any, labels: Any) -> float:
+    """Leave-one-out nearest neighbour in a 2-D map (Euclidean): the share of points whose
+    nearest other point has their label, the map's R@1 to set beside the features' R@1."""
+    xy, labels = _as_2d_array(xy, "xy"), np.asarray(labels)
+    d = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    return float((labels[d.argmin(1)] == labels).mean())
 
 
 def _centroids(x: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -216,17 +237,12 @@ def plot_drift(
 ) -> Any:
     """Scatter both models' points in one frame and draw how the old classes moved.
 
-    old_2d, new_2d [N, 2] in the same frame: `m = DriftMap(old_features)`, `m.old_2d` (the map
-    fitted on the old model) and `m.place(new_features)` (the new model's points placed into it
-    with UMAP's transform); to compare methods, call this once per axis with the same `m`.
-    labels [N]; old_classes: the classes learned before the new model's task (coloured; the
-    new task's classes are grey). Old-model points are hollow, new-model points filled. arrows:
-    "centroids" (old class centroid -> the same class's new centroid, in the map), "samples"
-    (image by image, for at most `max_sample_arrows` old-class images drawn with `seed`),
-    "both", or None. Class names are written at the new centroids when there are at most 20
-    old classes. Returns the Axes.
-
-    Arrows are directions, not lengths (see the module docstring).
+    old_2d, new_2d [N, 2]: `m.old_2d` and `m.align(...)` or `m.place(...)` of one DriftMap `m`
+    (to compare methods, one axis each with the same `m`). labels [N]; old_classes: the classes
+    learned before the new model's task (coloured; the others grey). Old-model points hollow,
+    new-model points filled. arrows: "centroids" (a class's old centroid -> its new one),
+    "samples" (per image, at most `max_sample_arrows` drawn with `seed`), "both" or None. Class
+    names mark the new centroids when there are at most 20 old classes. Returns the Axes.
     """
     import matplotlib.pyplot as plt
 

@@ -13,6 +13,7 @@ from csdkit.drift import (
     DriftMap,
     centroid_shift,
     drift_ratio,
+    map_recall_at_1,
     plot_drift,
 )
 
@@ -282,3 +283,50 @@ def test_plot_drift_rejects_bad_inputs():
         plot_drift(np.ones((60, 3)), np.ones((60, 3)), labels, [0], names)
     with pytest.raises(ValueError, match="class_names"):
         plot_drift(old_2d, new_2d, labels, [0], names[:3])
+
+
+def test_align_maps_a_model_onto_the_old_frame_keeping_its_own_classes(monkeypatch):
+    from contextlib import contextmanager
+
+    from csdkit import drift
+
+    old, labels, centres, rng = old_model()
+    m = DriftMap(old, seed=0, n_epochs=50)
+    # a new model whose classes 2 and 3 swapped places: its own map keeps every class an island
+    new = old.copy()
+    for c, to in ((2, 3), (3, 2)):
+        rows = labels == c
+        new[rows] = centres[to] + rng.normal(size=(rows.sum(), old.shape[1]))
+    xy = m.align(new, labels)
+    assert xy.shape == (100, 2) and xy.dtype == np.float32
+    assert map_recall_at_1(xy, labels) >= 0.95
+    # the Procrustes step: a new map that is the old one turned by 90 degrees, scaled by 3 and
+    # shifted is put back exactly (a stand-in UMAP returns that map for any input)
+    turn = np.array([[0.0, -1.0], [1.0, 0.0]])
+    moved = 3 * m.old_2d @ turn + np.array([5.0, -2.0])
+
+    class FixedUMAP:
+        UMAP = lambda **_: FixedUMAP  # noqa: E731
+        fit_transform = staticmethod(lambda x: moved)
+
+    @contextmanager
+    def fixed():
+        yield FixedUMAP
+
+    monkeypatch.setattr(drift, "_quiet_umap", fixed)
+    np.testing.assert_allclose(m.align(new, labels), m.old_2d, atol=1e-4)
+
+
+def test_map_recall_at_1_is_leave_one_out_nearest_neighbour_as_in_sklearn():
+    from sklearn.model_selection import LeaveOneOut, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 60)
+    xy = rng.normal(size=(60, 2)) + labels[:, None] * 0.8
+    expected = cross_val_score(KNeighborsClassifier(1), xy, labels, cv=LeaveOneOut()).mean()
+    assert map_recall_at_1(xy, labels) == pytest.approx(expected)
+    # by hand: three points on a line, a b b -> the middle b's neighbour is the other b (1 apart
+    # vs 2), the last b's the middle b, the a's the middle b: 2 of 3
+    assert map_recall_at_1(np.array([[0.0, 0], [2, 0], [3, 0]]), np.array([0, 1, 1])) == \
+        pytest.approx(2 / 3)
