@@ -24,7 +24,7 @@ from scipy.stats import binomtest
 
 from csdkit import metrics
 from csdkit.data import Dataset, ImageSet, TaskSplit
-from csdkit.drift import drift_ratio
+from csdkit.drift import DriftMap, drift_ratio, map_recall_at_1
 from csdkit.models import ResNet, extract, resnet
 from csdkit.report import t_interval
 from csdkit.runs import cache_folder, first_name, load_checkpoint, machine, run_grid, run_name
@@ -144,7 +144,8 @@ class Course:
 
     def facts(self, method: str, seed: int) -> dict[str, float]:
         """A run's numbers: from its task matrix (first_task_* after task 1 / the last, new_task
-        its diagonal's mean, old_tasks_final tasks 1..T-1 at the end), the drift of task 1's
+        the mean of its diagonal over tasks 2..T, the new tasks; old_tasks_final tasks 1..T-1 at
+        the end), the drift of task 1's
         classes (drift_ratio) and the final model's R@1 in the first model's gallery."""
         def compute() -> dict[str, float]:
             r = self.runs([method], (seed,))[method][0]
@@ -157,25 +158,64 @@ class Course:
             old = self.features(self.first_models((seed,))[0], first.images, seed)
             new = self.features(self.model(method, seed), first.images, seed)
             out.update(first_task_after_1=R[0, 0], drop=R[0, 0] - R[-1, 0],
-                       new_task=float(np.mean(np.diag(R))),
+                       new_task=float(np.mean(np.diag(R)[1:])),
                        old_tasks_final=float(np.mean(R[-1, :-1])),
                        drift=drift_ratio(old, new, first.labels),
-                       old_gallery_R1=metrics.recall_at_k(new, first.labels, gallery=old))
+                       old_gallery_R1=metrics.recall_at_k(new, first.labels, gallery=old),
+                       **self._old_classes(method, seed))
             return out
         return self._cached(("facts", method, seed), compute)
 
+    def _old_classes(self, method: str, seed: int) -> dict[str, float]:
+        """The final model on the old tasks' test images (tasks 1..T-1), classification and
+        retrieval alike: task-agnostic (accuracy: argmax over every seen class; R@1: searched
+        among the test images of every seen class) and task-aware (accuracy: argmax within the
+        query's own task's classes; R@1 within its task: old_tasks_final)."""
+        data, split = self.data(seed)
+        test, task_of = data.test, torch.as_tensor(split.task_of_label())[data.test.labels]
+        feats, logits = extract(self.model(method, seed), test.images, data.mean, data.std)
+        hit = test.labels[metrics.retrieve(feats, feats, 1, exclude_self=True)[1][:, 0]]
+        old = task_of < split.n_tasks - 1
+        own_task = task_of[:, None] == torch.as_tensor(split.task_of_label())[None, :]
+        aware = logits.masked_fill(~own_task, -torch.inf).argmax(1)
+        return {"old_agnostic_R1": (hit == test.labels)[old].float().mean().item(),
+                "old_aware_accuracy": (aware == test.labels)[old].float().mean().item()}
+
+    def drift_map(self, seed: int) -> DriftMap:
+        """The first model's UMAP map of task 1's test images (seed `seed`)."""
+        first = self.parts(seed)["first"]
+        return self._cached(("drift map", seed), lambda: DriftMap(
+            self.features(self.first_models((seed,))[0], first.images, seed), seed=seed))
+
+    def aligned_map(self, method: str, seed: int) -> np.ndarray:
+        """[N, 2]: the final model's own map of task 1's test images, aligned to the first
+        model's (DriftMap.align)."""
+        first = self.parts(seed)["first"]
+        return self._cached(("aligned map", method, seed), lambda: self.drift_map(seed).align(
+            self.features(self.model(method, seed), first.images, seed), first.labels))
+
+    def map_recall(self, method: str, seed: int) -> float:
+        """R@1 measured in the 2-D map (map_recall_at_1) of task 1's test images: the first
+        model's map for method "first", else the final model's aligned map."""
+        xy = self.drift_map(seed).old_2d if method == "first" else self.aligned_map(method, seed)
+        return map_recall_at_1(xy, self.parts(seed)["first"].labels)
+
     def replace(self, **changes) -> Course:
         """The same course with other settings (e.g. lr_later=1e-3), sharing the run cache."""
-        return Course(self.cfg.replace(**changes), self.seeds, self.cache, self.workers)
+        key = ("replace", tuple(sorted(changes.items())))  # one memo per changed course
+        return self._cached(key, lambda: Course(self.cfg.replace(**changes), self.seeds,
+                                                self.cache, self.workers))
 
     def check(self, name: str) -> None:
-        """Measure claim `name` of CLAIMS over this course's seeds and check it (see `claim`)."""
+        """Measure claim `name` of CLAIMS over this course's seeds and check it (see `claim`).
+        Beside the statistic it shows the same measurement on each seed alone."""
         spec = CLAIMS[name]
         value = spec.measure(self, self.seeds)
         margin = spec.threshold - value if spec.at_most else value - spec.threshold
+        per_seed = ", ".join(f"{s}: {spec.measure(self, (s,)):.4g}" for s in self.seeds)
         claim(spec.statement, spec.holds(value), measured=value,
               **{"at most" if spec.at_most else "at least": spec.threshold}, margin=margin,
-              seeds=", ".join(map(str, self.seeds)))
+              **{"per seed": per_seed})
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,25 +261,22 @@ def share_of_drop_avoided(c: Course, seeds, method: str) -> float:
     return 1 - kept / ft if ft > 0 else 0.0
 
 
-def interval_low(values) -> float:  # the lower end of the 95% t-interval of the mean
-    return float(t_interval(np.asarray(values, dtype=float), 0.95)[0])
-
-
 def sign_test(c: Course, a: str, b: str, seeds) -> tuple[int, int, float]:
     """Over task 1's test queries (seeds pooled): how many the final model of `a` gets right
     (R@1 within task 1) and `b` wrong, the reverse, and the one-sided sign-test p of "a wins
     more often" (1 if none differ). Queries as independent trials: about these models on these
     test fonts, not the method (the paired interval over seeds is that)."""
+    def hits(m: str, s: int) -> torch.Tensor:  # [N] bool: query right at R@1 within task 1
+        first = c.parts(s)["first"]
+        f = c.features(c.model(m, s), first.images, s)
+        return first.labels[metrics.retrieve(f, f, 1, exclude_self=True)[1][:, 0]] == first.labels
+
     wins = losses_ = 0
     for s in seeds:
-        first = c.parts(s)["first"]
-        hit = {}
-        for m in (a, b):
-            f = c.features(c.model(m, s), first.images, s)
-            _, idx = metrics.retrieve(f, f, 1, exclude_self=True)
-            hit[m] = first.labels[idx[:, 0]] == first.labels
-        wins += int((hit[a] & ~hit[b]).sum())
-        losses_ += int((hit[b] & ~hit[a]).sum())
+        hit_a, hit_b = (c._cached(("hits", m, s), lambda m=m, s=s: hits(m, s))
+                        for m in (a, b))
+        wins += int((hit_a & ~hit_b).sum())
+        losses_ += int((hit_b & ~hit_a).sum())
     if wins + losses_ == 0:
         return 0, 0, 1.0
     return wins, losses_, float(binomtest(wins, wins + losses_, alternative="greater").pvalue)
@@ -249,125 +286,215 @@ def difference(c: Course, a: str, b: str, key: str):  # seed -> facts(a)[key] - 
     return lambda s: c.facts(a, s)[key] - c.facts(b, s)[key]
 
 
-def _raw_minus_best_distiller(c: Course, seeds) -> float:
+def best_distiller(c: Course, seeds, baseline) -> float:
+    """The best distiller's mean pooled R@1 over the seeds minus the mean of baseline(seed)."""
     best = max(seed_mean(seeds, lambda s, m=m: c.facts(m, s)["pooled"]) for m in DISTILLERS)
-    return seed_mean(seeds, lambda s: c.raw(s)["raw_all"]) - best
+    return best - seed_mean(seeds, baseline)
 
 
 CLAIMS: dict[str, Claim] = {
-    # 01: the data and the protocol (nothing trained)
+    # 01: raw pixels (nothing trained; the seed draws which letters form task 1)
     "raw_far_above_chance": Claim(
         "01", "raw pixels retrieve at least 10 times above chance over all 40 classes",
         lambda c, seeds: seed_min(seeds, lambda s: c.raw(s)["raw_all"] / c.raw(s)["chance_all"]),
         10.0),
     "raw_harder_with_more_classes": Claim(
-        "01", "raw-pixel R@1 falls by at least 0.10 from task 1's classes to all 40 classes",
-        lambda c, seeds: seed_min(seeds, lambda s: c.raw(s)["raw_first"] - c.raw(s)["raw_all"]),
+        "01", "raw-pixel R@1 falls by at least 0.10 from task 1's classes to all 40 classes, "
+              "on average over the seeds",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.raw(s)["raw_first"] - c.raw(s)["raw_all"]),
         0.10),
     # 02: the first task
     "first_model_good_on_its_classes": Claim(
-        "02", "after task 1 the network retrieves task 1's letters with R@1 of at least 0.9",
-        lambda c, seeds: seed_min(seeds, lambda s: c.baselines(s)["first_model_first"]), 0.9),
+        "02", "after task 1 the network retrieves task 1's letters with R@1 of at least 0.9 on "
+              "average",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.baselines(s)["first_model_first"]), 0.9),
     "first_model_beats_untrained_on_its_classes": Claim(
-        "02", "on task 1's letters it beats the untrained network by at least 0.08",
-        lambda c, seeds: seed_min(seeds, lambda s: c.baselines(s)["first_model_first"] -
-                                c.baselines(s)["untrained_first"]), 0.08),
+        "02", "on task 1's letters it beats the untrained network by at least 0.10 on average",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.baselines(s)["first_model_first"] -
+                                   c.baselines(s)["untrained_first"]), 0.10),
     "first_model_below_raw_on_unseen": Claim(
-        "02", "on the 32 letters it never saw, it falls at least 0.05 below raw pixels",
-        lambda c, seeds: seed_min(seeds, lambda s: c.baselines(s)["raw_unseen"] -
-                                c.baselines(s)["first_model_unseen"]), 0.05),
+        "02", "on the 32 letters it never saw, it falls at least 0.10 below raw pixels on "
+              "average",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.baselines(s)["raw_unseen"] -
+                                   c.baselines(s)["first_model_unseen"]), 0.10),
     "first_model_beats_untrained_on_unseen": Claim(
-        "02", "on those unseen letters it still beats the untrained network by at least 0.03",
-        lambda c, seeds: seed_min(seeds, lambda s: c.baselines(s)["first_model_unseen"] -
-                                c.baselines(s)["untrained_unseen"]), 0.03),
+        "02", "yet on those unseen letters it beats the untrained network, on average",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.baselines(s)["first_model_unseen"] -
+                                   c.baselines(s)["untrained_unseen"]), 0.0),
     # 03: fine-tuning forgets
     "ft_forgets": Claim(
-        "03", "fine-tuning forgets: its first-task R@1 falls by at least 0.08 from task 1 to "
+        "03", "fine-tuning forgets: its first-task R@1 falls by at least 0.04 from task 1 to "
               "task 5, on average over the seeds",
-        lambda c, seeds: seed_mean(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.08),
-    "ft_forgets_every_seed": Claim(
-        "03", "and it falls in every seed, by at least 0.05",
-        lambda c, seeds: seed_min(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.05),
-    "classification_collapses": Claim(
-        "03", "classification forgets completely: old-class accuracy after task 5 is at most "
-              "0.05 in every seed",
-        lambda c, seeds: seed_max(seeds, lambda s: c.facts("finetune", s)["old_class_accuracy"]),
-        0.05, at_most=True),
-    "retrieval_survives": Claim(
-        "03", "retrieval does not: the old tasks' within-task R@1 stays at least 0.6 (5 times "
-              "chance) in every seed",
-        lambda c, seeds: seed_min(seeds, lambda s: c.facts("finetune", s)["old_tasks_final"]),
-        0.6),
+        lambda c, seeds: seed_mean(seeds, lambda s: c.facts("finetune", s)["drop"]), 0.04),
+    "retrieval_beats_classification_agnostic": Claim(
+        "03", "told nothing of the task, fine-tuning's final model finds an old letter's class "
+              "by search (R@1 among all 40 letters) more often than its classifier names it, by "
+              "at least 0.55 on average",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.facts("finetune", s)["old_agnostic_R1"] -
+                                   c.facts("finetune", s)["old_class_accuracy"]), 0.55),
+    "retrieval_beats_classification_aware": Claim(
+        "03", "told the task, search still wins: within-task R@1 on old letters beats "
+              "within-task accuracy by at least 0.55 on average",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.facts("finetune", s)["old_tasks_final"] -
+                                   c.facts("finetune", s)["old_aware_accuracy"]), 0.55),
+    "ft_map_mixes": Claim(
+        "03", "the maps agree with the numbers: fine-tuning's final map separates task 1's "
+              "letters less well than the first model's (R@1 in 2-D at least 0.05 lower on "
+              "average)",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.map_recall("first", s) -
+                                   c.map_recall("finetune", s)), 0.05),
     "ft_drifts": Claim(
-        "03", "fine-tuning moves task 1's classes by at least 0.8 of the distance between two of "
-              "them, in every seed",
-        lambda c, seeds: seed_min(seeds, lambda s: c.facts("finetune", s)["drift"]), 0.8),
+        "03", "fine-tuning moves task 1's classes by at least 0.85 of the distance between two "
+              "of them, in every seed",
+        lambda c, seeds: seed_min(seeds, lambda s: c.facts("finetune", s)["drift"]), 0.85),
     # 04: LwF and feature distillation
     "fd_keeps_half": Claim(
         "04", "feature distillation keeps at least half of fine-tuning's first-task drop",
         lambda c, seeds: share_of_drop_avoided(c, seeds, "fd"), 0.5),
-    "fd_beats_lwf_on_task_1": Claim(
-        "04", "KD alone keeps less of task 1: FD's first-task R@1 beats LwF's by at least 0.04 "
-              "in every seed",
-        lambda c, seeds: seed_min(seeds, difference(c, "fd", "lwf", "first_task_final")), 0.04),
+    "fd_keeps_old_tasks_better_than_lwf": Claim(
+        "04", "KD alone keeps less: after the last task FD's within-task R@1 on the old tasks "
+              "beats LwF's by at least 0.02 on average",
+        lambda c, seeds: seed_mean(seeds, difference(c, "fd", "lwf", "old_tasks_final")), 0.02),
     "fd_still_learns": Claim(
-        "04", "FD learns each new task about as well as fine-tuning (task-matrix diagonal at "
-              "most 0.03 lower, every seed)",
-        lambda c, seeds: seed_max(seeds, difference(c, "finetune", "fd", "new_task")), 0.03,
+        "04", "FD learns new tasks about as well as fine-tuning: its new-task R@1 (the task "
+              "matrix's diagonal, tasks 2-5, averaged) is at most 0.01 lower, in every seed",
+        lambda c, seeds: seed_max(seeds, difference(c, "finetune", "fd", "new_task")), 0.01,
         at_most=True),
     "fd_moves_less": Claim(
-        "04", "FD moves task 1's classes less than fine-tuning, by at least 0.05 class "
+        "04", "FD moves task 1's classes less than fine-tuning, by at least 0.15 class "
               "distances in every seed",
-        lambda c, seeds: seed_min(seeds, difference(c, "finetune", "fd", "drift")), 0.05),
+        lambda c, seeds: seed_min(seeds, difference(c, "finetune", "fd", "drift")), 0.15),
+    "fd_map_beats_ft": Claim(
+        "04", "the maps agree with the numbers: FD's final map separates task 1's letters "
+              "better than fine-tuning's (R@1 in 2-D at least 0.05 higher on average)",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.map_recall("fd", s) -
+                                   c.map_recall("finetune", s)), 0.05),
     # 05: CSD
     "csd_beats_ft": Claim(
         "05", "CSD as Eq. 8 raises the paper's Average over fine-tuning's by at least 0.02, on "
               "average",
         lambda c, seeds: seed_mean(seeds, difference(c, "csd", "finetune", "task_avg")), 0.02),
     "official_beats_eq8": Claim(
-        "05", "the authors' form beats Eq. 8 on the paper's Average by at least 0.02 on average",
-        lambda c, seeds: seed_mean(seeds, difference(c, "csd_official", "csd", "task_avg")), 0.02),
+        "05", "the authors' form beats Eq. 8 on the paper's Average by at least 0.01 on average",
+        lambda c, seeds: seed_mean(seeds, difference(c, "csd_official", "csd", "task_avg")), 0.01),
     "official_level_with_fd": Claim(
-        "05", "and ends level with FD: their Averages differ by at most 0.04 on average",
+        "05", "and ends level with FD: their Averages differ by at most 0.02 on average",
         lambda c, seeds: abs(seed_mean(seeds, difference(c, "csd_official", "fd", "task_avg"))),
-        0.04, at_most=True),
+        0.02, at_most=True),
     "official_moves_less": Claim(
-        "05", "the authors' form moves task 1's classes less than fine-tuning, by at least 0.1 "
+        "05", "the authors' form moves task 1's classes less than fine-tuning, by at least 0.15 "
               "class distances in every seed",
         lambda c, seeds: seed_min(seeds, difference(c, "finetune", "csd_official", "drift")),
-        0.1),
+        0.15),
+    "official_map_beats_ft": Claim(
+        "05", "the maps agree with the numbers: the authors' form's final map separates task "
+              "1's letters better than fine-tuning's (R@1 in 2-D at least 0.05 higher on "
+              "average)",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.map_recall("csd_official", s) -
+                                   c.map_recall("finetune", s)), 0.05),
     # 06: the whole comparison
     "joint_beats_raw": Claim(
-        "06", "learning matters: joint training's pooled R@1 beats raw pixels' by at least 0.10",
+        "06", "learning matters: joint training's pooled R@1 beats raw pixels' by at least 0.15 "
+              "in every seed",
         lambda c, seeds: seed_min(seeds, lambda s: c.facts("joint", s)["pooled"] -
-                                c.raw(s)["raw_all"]), 0.10),
-    "ft_below_raw": Claim(
-        "06", "fine-tuning ends below raw pixels: pooled R@1 at least 0.08 lower in every seed",
-        lambda c, seeds: seed_min(seeds, lambda s: c.raw(s)["raw_all"] -
-                                c.facts("finetune", s)["pooled"]), 0.08),
-    "best_distiller_level_with_raw": Claim(
-        "06", "the best distillation method ends at least level with raw pixels (pooled R@1 at "
-              "most 0.02 below)",
-        _raw_minus_best_distiller, 0.02, at_most=True),
+                                c.raw(s)["raw_all"]), 0.15),
+    "best_distiller_beats_raw": Claim(
+        "06", "the best distillation method ends above raw pixels: pooled R@1 at least 0.05 "
+              "higher on average",
+        lambda c, seeds: best_distiller(c, seeds, lambda s: c.raw(s)["raw_all"]), 0.05),
     "best_distiller_beats_ft": Claim(
-        "06", "the best distillation method beats fine-tuning on the paper's Average, with a "
-              "paired 95% interval above 0",
-        lambda c, seeds: max(interval_low([difference(c, m, "finetune", "task_avg")(s)
-                                           for s in seeds]) for m in DISTILLERS), 0.0),
+        "06", "and above fine-tuning: pooled R@1 at least 0.10 higher on average",
+        lambda c, seeds: best_distiller(c, seeds, lambda s: c.facts("finetune", s)["pooled"]),
+        0.10),
     "old_gallery_lost": Claim(
-        "06", "no method keeps the old gallery usable: new queries against the first model's "
-              "gallery stay below R@1 0.5",
-        lambda c, seeds: max(seed_max(seeds, lambda s, m=m: c.facts(m, s)["old_gallery_R1"])
-                             for m in ["finetune", *DISTILLERS]), 0.5, at_most=True),
+        "06", "no method keeps the old gallery as good as a re-embedded one: in the first "
+              "model's gallery each final model's task-1 R@1 is at least 0.25 below its R@1 in "
+              "its own gallery, on average",
+        lambda c, seeds: min(seed_mean(seeds, lambda s, m=m: c.facts(m, s)["first_task_final"] -
+                                       c.facts(m, s)["old_gallery_R1"])
+                             for m in ["finetune", *DISTILLERS]), 0.25),
     "fd_compat_beats_ft": Claim(
-        "06", "but FD's new model finds it better than fine-tuning's, by at least 0.05 on average",
-        lambda c, seeds: seed_mean(seeds, difference(c, "fd", "finetune", "old_gallery_R1")), 0.05),
+        "06", "but FD's new model finds it better than fine-tuning's, by at least 0.03 on average",
+        lambda c, seeds: seed_mean(seeds, difference(c, "fd", "finetune", "old_gallery_R1")), 0.03),
     "fd_wins_the_sign_test": Claim(
-        "06", "over every task-1 query, FD's final models get right far more of fine-tuning's "
-              "misses than the reverse (one-sided sign test p < 0.001; about these models on "
+        "06", "over every task-1 query, FD's final models get right more of fine-tuning's "
+              "misses than the reverse (one-sided sign test p < 0.1; about these models on "
               "these test fonts, not about the method)",
-        lambda c, seeds: float(-np.log10(sign_test(c, "fd", "finetune", seeds)[2])), 3.0),
+        lambda c, seeds: float(-np.log10(sign_test(c, "fd", "finetune", seeds)[2])), 1.0),
 }
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """A predict-then-test question whose answer is a finding calibrated like a claim: over
+    held-out seeds, the mean effect of the change lies toward `answer` by at least `threshold`
+    with a 3-sd margin, so every machine gives the same verdict."""
+    notebook: str
+    what: str                 # what changes, e.g. "fine-tuning's first-task drop"
+    choices: tuple[str, str]  # (effect < 0, effect > 0), e.g. ("smaller", "larger")
+    answer: str
+    threshold: float
+    effect: Callable[[Course, int], float]  # (course, seed) -> the change's effect on `what`
+    train: Callable[[Course], object]       # trains what `effect` needs, every seed at once
+
+    def toward_answer(self, c: Course, seeds) -> float:
+        mean = seed_mean(seeds, lambda s: self.effect(c, s))
+        return mean if self.answer == self.choices[1] else -mean
+
+    def claim(self) -> Claim:
+        return Claim(self.notebook, f"{self.what}: {self.answer}, by at least "
+                     f"{self.threshold:g} on average", self.toward_answer, self.threshold)
+
+
+def predict_then_test(prediction: str | None, c: Course, name: str) -> None:
+    """Judge a learner's prediction for exercise `name` of EXERCISES on this course's seeds:
+    print the effect per seed with its paired 95% interval, then the verdict (trains what it
+    needs only once the prediction is valid)."""
+    ex = EXERCISES[name]
+    if prediction is None:
+        return print("not answered yet: set PREDICTION and run this cell again")
+    if prediction not in ex.choices:
+        raise ValueError(f"PREDICTION must be {ex.choices[0]!r} or {ex.choices[1]!r}, got "
+                         f"{prediction!r}")
+    ex.train(c)
+    effects = np.array([ex.effect(c, s) for s in c.seeds])
+    low, high = t_interval(effects, 0.95)
+    print(f"{ex.what}, the change's effect per seed: " + ", ".join(f"{e:+.3f}" for e in effects)
+          + f"; mean {effects.mean():+.3f}, paired 95% interval [{low:+.3f}, {high:+.3f}]")
+    if not ex.claim().holds(ex.toward_answer(c, c.seeds)):
+        return print(f"too close to call on these seeds: held-out seeds put the mean at least "
+                     f"{ex.threshold:g} toward {ex.answer!r}, these do not")
+    alone = " (these seeds alone are too close to call: the interval includes 0)" \
+        if not (high < 0 or low > 0) else ""
+    print(f"{ex.answer}: your prediction {'holds' if prediction == ex.answer else 'does not hold'}"
+          f"{alone}")
+
+
+def _change(method: str, key: str, **change):  # (course, seed) -> changed minus course facts
+    return lambda c, s: c.replace(**change).facts(method, s)[key] - c.facts(method, s)[key]
+
+
+EXERCISES: dict[str, Exercise] = {
+    "ex03_fewer_epochs": Exercise(
+        "03", "fine-tuning's first-task drop with later tasks trained 12 epochs, not 36",
+        ("smaller", "larger"), "smaller", 0.01, _change("finetune", "drop", epochs=12),
+        lambda c: c.replace(epochs=12).runs(["finetune"])),
+    "ex04_looser_tie": Exercise(
+        "04", "FD's drift of task 1's classes (class distances) at w_fd = 0.1, not 1",
+        ("less", "more"), "more", 0.25, _change("fd", "drift", w_fd=0.1),
+        lambda c: c.replace(w_fd=0.1).runs(["fd"])),
+    "ex05_no_student_terms": Exercise(
+        "05", "the paper's Average of the authors' form without its student-student terms",
+        ("lower", "higher"), "lower", 0.01,
+        lambda c, s: c.facts("csd_transposed", s)["task_avg"] -
+        c.facts("csd_official", s)["task_avg"], lambda c: c.runs(["csd_transposed"])),
+    "ex06_compat_after_one_update": Exercise(
+        "06", "FD's R@1 in the first model's gallery after task 2, minus after task 5",
+        ("worse", "better"), "better", 0.15,
+        lambda c, s: c.runs(["fd"], (s,))["fd"][0].compatibility[1][0] -
+        c.runs(["fd"], (s,))["fd"][0].compatibility[-1][0], lambda c: c.runs(["fd"])),
+}
+CLAIMS.update({name: ex.claim() for name, ex in EXERCISES.items()})
 
 
 def setup(dataset: str | None = None, epochs: int | None = None, seeds: tuple[int, ...] = SEEDS,
