@@ -286,6 +286,10 @@ def difference(c: Course, a: str, b: str, key: str):  # seed -> facts(a)[key] - 
     return lambda s: c.facts(a, s)[key] - c.facts(b, s)[key]
 
 
+def map_difference(c: Course, a: str, b: str):  # seed -> map_recall(a) - map_recall(b)
+    return lambda s: c.map_recall(a, s) - c.map_recall(b, s)
+
+
 def best_distiller(c: Course, seeds, baseline) -> float:
     """The best distiller's mean pooled R@1 over the seeds minus the mean of baseline(seed)."""
     best = max(seed_mean(seeds, lambda s, m=m: c.facts(m, s)["pooled"]) for m in DISTILLERS)
@@ -341,8 +345,7 @@ CLAIMS: dict[str, Claim] = {
         "03", "the maps agree with the numbers: fine-tuning's final map separates task 1's "
               "letters less well than the first model's (R@1 in 2-D at least 0.05 lower on "
               "average)",
-        lambda c, seeds: seed_mean(seeds, lambda s: c.map_recall("first", s) -
-                                   c.map_recall("finetune", s)), 0.05),
+        lambda c, seeds: seed_mean(seeds, map_difference(c, "first", "finetune")), 0.05),
     "ft_drifts": Claim(
         "03", "fine-tuning moves task 1's classes by at least 0.85 of the distance between two "
               "of them, in every seed",
@@ -367,8 +370,7 @@ CLAIMS: dict[str, Claim] = {
     "fd_map_beats_ft": Claim(
         "04", "the maps agree with the numbers: FD's final map separates task 1's letters "
               "better than fine-tuning's (R@1 in 2-D at least 0.05 higher on average)",
-        lambda c, seeds: seed_mean(seeds, lambda s: c.map_recall("fd", s) -
-                                   c.map_recall("finetune", s)), 0.05),
+        lambda c, seeds: seed_mean(seeds, map_difference(c, "fd", "finetune")), 0.05),
     # 05: CSD
     "csd_beats_ft": Claim(
         "05", "CSD as Eq. 8 raises the paper's Average over fine-tuning's by at least 0.02, on "
@@ -390,8 +392,7 @@ CLAIMS: dict[str, Claim] = {
         "05", "the maps agree with the numbers: the authors' form's final map separates task "
               "1's letters better than fine-tuning's (R@1 in 2-D at least 0.05 higher on "
               "average)",
-        lambda c, seeds: seed_mean(seeds, lambda s: c.map_recall("csd_official", s) -
-                                   c.map_recall("finetune", s)), 0.05),
+        lambda c, seeds: seed_mean(seeds, map_difference(c, "csd_official", "finetune")), 0.05),
     # 06: the whole comparison
     "joint_beats_raw": Claim(
         "06", "learning matters: joint training's pooled R@1 beats raw pixels' by at least 0.15 "

@@ -194,14 +194,19 @@ def test_drift_map_places_the_old_features_where_it_fitted_them():
     assert np.abs(m.place(old)).min(1).max() > 0
 
 
-def test_drift_map_moves_shifted_classes_further_than_unchanged_ones():
-    old, labels, centres, rng = old_model()
-    m = DriftMap(old, seed=0, n_epochs=50)
-    # classes 0 and 1 keep their features; classes 2 and 3 swap places in feature space
+def swap_classes_2_and_3(old, labels, centres, rng):  # a new model: classes 2 and 3 swap places
     new = old.copy()
     for c, to in ((2, 3), (3, 2)):
         rows = labels == c
         new[rows] = centres[to] + rng.normal(size=(rows.sum(), old.shape[1]))
+    return new
+
+
+def test_drift_map_moves_shifted_classes_further_than_unchanged_ones():
+    old, labels, centres, rng = old_model()
+    m = DriftMap(old, seed=0, n_epochs=50)
+    # classes 0 and 1 keep their features; classes 2 and 3 swap places in feature space
+    new = swap_classes_2_and_3(old, labels, centres, rng)
     offset = np.linalg.norm(m.place(new) - m.old_2d, axis=1)
     moved = {c: np.median(offset[labels == c]) for c in range(4)}
     spread = np.linalg.norm(m.old_2d - m.old_2d.mean(0), axis=1).mean()
@@ -293,10 +298,7 @@ def test_align_maps_a_model_onto_the_old_frame_keeping_its_own_classes(monkeypat
     old, labels, centres, rng = old_model()
     m = DriftMap(old, seed=0, n_epochs=50)
     # a new model whose classes 2 and 3 swapped places: its own map keeps every class an island
-    new = old.copy()
-    for c, to in ((2, 3), (3, 2)):
-        rows = labels == c
-        new[rows] = centres[to] + rng.normal(size=(rows.sum(), old.shape[1]))
+    new = swap_classes_2_and_3(old, labels, centres, rng)
     xy = m.align(new, labels)
     assert xy.shape == (100, 2) and xy.dtype == np.float32
     assert map_recall_at_1(xy, labels) >= 0.95
