@@ -9,3 +9,9 @@ maps, the retrieval explorer), cli (`python -m csdkit demo | run`).
 """
 
 __version__ = "0.1.0"
+
+
+def require(ok: bool, message: str) -> None:
+    """Every input check in csdkit: a ValueError that says what was wrong and how to fix it."""
+    if not ok:
+        raise ValueError(message)

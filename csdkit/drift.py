@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from scipy.linalg import orthogonal_procrustes
 
+from csdkit import require
+
 ARROWS = ("centroids", "samples", "both", None)
 GREY = "0.7"  # plot_drift's colour for the new task's classes: context, not the subject
 
@@ -32,27 +34,22 @@ GREY = "0.7"  # plot_drift's colour for the new task's classes: context, not the
 # checks of what a user passes in ------------------------------------------------------------------
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 def _as_2d_array(x: Any, name: str) -> np.ndarray:
     """numpy or torch (any device) -> float64 [N, D], finite."""
     x = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
-    _require(x.ndim == 2, f"{name} must be 2-D [num_items, dim], got shape {x.shape}")
-    _require(np.isfinite(x).all(), f"{name} contains NaN or inf")
+    require(x.ndim == 2, f"{name} must be 2-D [num_items, dim], got shape {x.shape}")
+    require(np.isfinite(x).all(), f"{name} contains NaN or inf")
     return x
 
 
 def _check_pair(old: Any, new: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The same N images under the old and the new model, [N, D] each, and their labels [N]."""
     old, new = _as_2d_array(old, "old_features"), _as_2d_array(new, "new_features")
-    _require(old.shape == new.shape,
+    require(old.shape == new.shape,
              f"old_features {old.shape} and new_features {new.shape} must have the same shape: "
              "the same images (same order) embedded by the old and by the new model")
     labels = np.asarray(labels.detach().cpu().numpy() if hasattr(labels, "detach") else labels)
-    _require(labels.ndim == 1 and len(labels) == len(old),
+    require(labels.ndim == 1 and len(labels) == len(old),
              f"labels must be [N] with N = {len(old)} (one per row), got shape {labels.shape}")
     return old, new, labels.astype(np.int64)
 
@@ -62,7 +59,7 @@ def _pick_classes(labels: np.ndarray, classes: Iterable[int] | None, what: str =
     present = np.unique(labels)
     classes = present if classes is None else np.asarray(list(classes))
     missing = sorted(set(classes.tolist()) - set(present.tolist()))
-    _require(not missing, f"{what} {missing[:5]} have no image in labels")
+    require(not missing, f"{what} {missing[:5]} have no image in labels")
     return classes
 
 
@@ -121,8 +118,8 @@ class DriftMap:
     def __init__(self, old_features: Any, seed: int = 0, n_neighbors: int = 15,
                  min_dist: float = 0.1, n_epochs: int | None = None) -> None:
         old = _as_2d_array(old_features, "old_features")
-        _require(len(old) >= 4, f"need at least 4 images, got {len(old)}")  # spectral init
-        _require(n_neighbors >= 2, f"n_neighbors must be >= 2, got {n_neighbors}")
+        require(len(old) >= 4, f"need at least 4 images, got {len(old)}")  # spectral init
+        require(n_neighbors >= 2, f"n_neighbors must be >= 2, got {n_neighbors}")
         self.dim = old.shape[1]
         self._settings = dict(
             n_neighbors=min(n_neighbors, len(old) - 1), min_dist=min_dist, metric="cosine",
@@ -156,7 +153,7 @@ class DriftMap:
     def place(self, new_features: Any) -> np.ndarray:
         """[N', D] features of a new model -> [N', 2] float32, placed into the old map."""
         new = _as_2d_array(new_features, "new_features")
-        _require(new.shape[1] == self.dim and len(new) > 0,
+        require(new.shape[1] == self.dim and len(new) > 0,
                  f"new_features must be [N', {self.dim}] with N' >= 1 (the dimension the map "
                  f"was fitted on), got shape {new.shape}")
         with _quiet_umap():
@@ -217,13 +214,13 @@ def drift_ratio(
     """
     old, new, labels = _check_pair(old_features, new_features, labels)
     classes = _pick_classes(labels, classes)
-    _require(len(classes) >= 2,
+    require(len(classes) >= 2,
              f"need at least 2 classes for the distance between classes, got {len(classes)}")
     m_old, m_new = _centroids(old, labels, classes), _centroids(new, labels, classes)
     shift = np.linalg.norm(m_new - m_old, axis=1).mean()
     i, j = np.triu_indices(len(classes), k=1)  # each unordered pair once
     gap = np.linalg.norm(m_old[i] - m_old[j], axis=1).mean()
-    _require(gap >= 1e-12, "all class centroids coincide in the old model: no scale to judge by")
+    require(gap >= 1e-12, "all class centroids coincide in the old model: no scale to judge by")
     return float(shift / gap)
 
 
@@ -246,13 +243,13 @@ def plot_drift(
     """
     import matplotlib.pyplot as plt
 
-    _require(arrows in ARROWS, f"arrows must be one of {ARROWS}, got {arrows!r}")
+    require(arrows in ARROWS, f"arrows must be one of {ARROWS}, got {arrows!r}")
     old_2d, new_2d, labels = _check_pair(old_2d, new_2d, labels)
-    _require(old_2d.shape[1] == 2,
+    require(old_2d.shape[1] == 2,
              f"old_2d and new_2d must be [N, 2] map coordinates, got {old_2d.shape}")
     old_classes = sorted({int(c) for c in old_classes})
     _pick_classes(labels, old_classes, "old classes")
-    _require(labels.min() >= 0 and labels.max() < len(class_names),
+    require(labels.min() >= 0 and labels.max() < len(class_names),
              f"labels must index class_names (0..{len(class_names) - 1})")
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 6.5))

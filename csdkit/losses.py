@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from csdkit import require
+
 __all__ = ["CSD_VARIANTS", "csd_loss", "feature_distillation_loss", "kd_loss", "triplet_loss"]
 
 #: Valid values of ``csd_loss(..., variant=...)``: the paper's Eq. 8, the authors' code, and two
@@ -44,32 +46,25 @@ def _check(tensors: dict[str, Tensor], labels: Tensor | None = None,
     non-empty [B, D] batches of one shape (one teacher row per student row), labels that are not
     [B] (one class index per row), a temperature `tau` = (name, value) that is not > 0."""
     for name, x in tensors.items():
-        if not isinstance(x, Tensor) or x.dim() != 2:
-            hint = ""
-            if isinstance(x, Tensor) and x.dim() == 1:
-                hint = " For a single sample add the batch dimension: x.unsqueeze(0)."
-            elif isinstance(x, Tensor) and x.dim() > 2:
-                hint = " Flatten the trailing dimensions first: x.flatten(1)."
-            raise ValueError(f"{name} must be a 2-D tensor of shape [B, D] (batch, feature dim); "
-                             f"got {_shape(x)}.{hint}")
-        if len(x) == 0:
-            raise ValueError(f"{name} is an empty batch (shape {_shape(x)}); pass B >= 1 rows.")
+        dim = x.dim() if isinstance(x, Tensor) else 0
+        hint = (" For a single sample add the batch dimension: x.unsqueeze(0)." if dim == 1 else
+                " Flatten the trailing dimensions first: x.flatten(1)." if dim > 2 else "")
+        require(dim == 2, f"{name} must be a 2-D tensor of shape [B, D] (batch, feature dim); "
+                f"got {_shape(x)}.{hint}")
+        require(len(x) > 0, f"{name} is an empty batch (shape {_shape(x)}); pass B >= 1 rows.")
     (first, x), *others = tensors.items()
     for name, other in others:
-        if other.shape != x.shape:
-            raise ValueError(
-                f"{first} and {name} must have the same shape [B, D] (one teacher row per student "
-                f"row, same dimension); got {_shape(x)} and {_shape(other)}. Run the teacher on "
-                "the same batch as the student.")
-    if labels is not None and (not isinstance(labels, Tensor) or labels.dim() != 1):
-        raise ValueError(
-            f"labels must be a 1-D tensor of shape [B] with one class index per sample; got "
-            f"{_shape(labels)}. If one-hot, use labels.argmax(dim=1); if [B, 1], labels.view(-1).")
-    if labels is not None and len(labels) != len(x):
-        raise ValueError(f"labels has {len(labels)} entries but {first} has {len(x)} rows; pass "
-                         "exactly one label per feature row.")
-    if tau is not None and not tau[1] > 0:
-        raise ValueError(f"{tau[0]} must be > 0 (it divides the logits); got {tau[1]}.")
+        require(other.shape == x.shape, f"{first} and {name} must have the same shape [B, D] "
+                f"(one teacher row per student row); got {_shape(x)} and {_shape(other)}. Run "
+                "the teacher on the same batch as the student.")
+    if labels is not None:
+        require(isinstance(labels, Tensor) and labels.dim() == 1, "labels must be a 1-D tensor "
+                f"of shape [B], one class index per sample; got {_shape(labels)}. If one-hot, "
+                "use labels.argmax(dim=1); if [B, 1], labels.view(-1).")
+        require(len(labels) == len(x), f"labels has {len(labels)} entries but {first} has "
+                f"{len(x)} rows; pass exactly one label per feature row.")
+    if tau is not None:
+        require(tau[1] > 0, f"{tau[0]} must be > 0 (it divides the logits); got {tau[1]}.")
 
 
 # --------------------------------------------------------------------------- CSD
@@ -134,16 +129,13 @@ def csd_loss(student_features: Tensor, teacher_features: Tensor, labels: Tensor,
 
     with P''(i) = P(i) minus i itself.
     """
-    if variant not in CSD_VARIANTS:
-        raise ValueError(f"unknown CSD variant {variant!r}; valid: {list(CSD_VARIANTS)}.")
+    require(variant in CSD_VARIANTS, f"unknown CSD variant {variant!r}; valid: "
+            f"{list(CSD_VARIANTS)}.")
     features = {"student_features": student_features, "teacher_features": teacher_features}
     _check(features, labels, ("temperature", temperature))
     batch = student_features.shape[0]
-    if batch < 2:
-        raise ValueError(
-            "csd_loss needs a batch of at least 2 samples: with one sample there is nothing to "
-            "contrast the anchor with (the denominator sums over the other samples)."
-        )
+    require(batch >= 2, "csd_loss needs a batch of at least 2 samples: with one sample there is "
+            "nothing to contrast the anchor with (the denominator sums over the other samples).")
 
     # Cosine geometry: only directions matter, and unit vectors bound the logits to [-1/tau, 1/tau].
     s = F.normalize(student_features, dim=1)

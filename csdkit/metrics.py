@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from csdkit import require
+
 ArrayLike = np.ndarray | torch.Tensor
 
 # -----------------------------------------------------------------------------
@@ -27,30 +29,18 @@ ArrayLike = np.ndarray | torch.Tensor
 
 
 def _features(x: ArrayLike, name: str, queries: torch.Tensor | None = None) -> torch.Tensor:
-    """numpy array or tensor [N, D] -> float32 tensor [N, D] with unit-norm rows.
-
-    The tensor keeps its device (so CUDA inputs are scored on the GPU); a gallery is given
-    its `queries` and moved next to them.
-    """
+    """numpy array or tensor [N, D] -> float32 tensor [N, D] with unit-norm rows, on its own
+    device (CUDA inputs are scored on the GPU); a gallery is moved next to its `queries`."""
     x = torch.as_tensor(x)
-    if x.ndim != 2:
-        raise ValueError(
-            f"{name} must be 2-D [num_items, dim], got shape {tuple(x.shape)}; "
-            "for a single embedding use x[None, :], for a flat batch use x.reshape(len(x), -1)"
-        )
+    require(x.ndim == 2, f"{name} must be 2-D [num_items, dim], got shape {tuple(x.shape)}; for "
+            "a single embedding use x[None, :], for a flat batch x.reshape(len(x), -1)")
     if queries is not None:
         x = x.to(queries.device)
-        if x.shape[1] != queries.shape[1]:
-            raise ValueError(
-                f"{name} has dim {x.shape[1]} but the queries have dim {queries.shape[1]}; "
-                "queries and gallery must live in the same embedding space"
-            )
-    if not torch.isfinite(x).all():
-        # NaN features rank arbitrarily and would score near chance, looking like a bad model
-        raise ValueError(
-            f"{name} holds {int((~torch.isfinite(x)).sum())} NaN or inf values; retrieval "
-            "needs finite features (a model whose training diverged produces such features)"
-        )
+        require(x.shape[1] == queries.shape[1], f"{name} has dim {x.shape[1]} but the queries "
+                f"have dim {queries.shape[1]}; both must live in the same embedding space")
+    # NaN features rank arbitrarily and would score near chance, looking like a bad model
+    require(bool(torch.isfinite(x).all()), f"{name} holds {int((~torch.isfinite(x)).sum())} "
+            "NaN or inf values; retrieval needs finite features (a diverged model makes such)")
     # float32 whatever came in: half precision is too coarse to order close cosines (and
     # slow on CPU), float64 doubles the memory of every [chunk, M] similarity block
     return F.normalize(x.float(), dim=1)
@@ -59,38 +49,25 @@ def _features(x: ArrayLike, name: str, queries: torch.Tensor | None = None) -> t
 def _labels(y: Any, rows: torch.Tensor, name: str, rows_name: str) -> torch.Tensor:
     """numpy array, tensor or sequence [N] -> tensor [N] on the device of `rows` [N, D]."""
     y = torch.as_tensor(y if isinstance(y, torch.Tensor) else np.asarray(y), device=rows.device)
-    if y.ndim != 1:
-        raise ValueError(f"{name} must be 1-D [num_items], got shape {tuple(y.shape)}")
-    if len(y) != len(rows):
-        raise ValueError(
-            f"{name} has {len(y)} entries but {rows_name} has {len(rows)} rows; "
-            f"pass one label per row of {rows_name}"
-        )
+    require(y.ndim == 1, f"{name} must be 1-D [num_items], got shape {tuple(y.shape)}")
+    require(len(y) == len(rows), f"{name} has {len(y)} entries but {rows_name} has {len(rows)} "
+            f"rows; pass one label per row of {rows_name}")
     return y
 
 
-def _check_search(
-                  n_queries: int, n_gallery: int, exclude_self: bool, k: int | None, chunk_size: int
-                 ) -> None:
+def _check_search(n_queries: int, n_gallery: int, exclude_self: bool, k: int | None,
+                  chunk_size: int) -> None:
     """What every search needs: aligned rows to exclude self, and k, chunk_size in range."""
-    if exclude_self and n_queries != n_gallery:
-        raise ValueError(
-            f"exclude_self=True needs as many queries as gallery rows (row i is image i), "
-            f"got {n_queries} queries and {n_gallery} gallery rows; pass exclude_self=False"
-        )
-    for name, value in (("k", k), ("chunk_size", chunk_size)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1
-        ):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    require(not exclude_self or n_queries == n_gallery, "exclude_self=True needs as many queries "
+            f"as gallery rows (row i is image i), got {n_queries} queries and {n_gallery} "
+            "gallery rows; pass exclude_self=False")
+    for name, v in (("k", k), ("chunk_size", chunk_size)):
+        require(v is None or (isinstance(v, int | np.integer) and not isinstance(v, bool)
+                              and v >= 1), f"{name} must be an integer >= 1, got {v!r}")
     reachable = n_gallery - int(exclude_self)
-    if k is not None and k > reachable:
-        why = " after excluding each query's own row" if exclude_self else ""
-        fix = f"use k <= {reachable} or " if reachable >= 1 else "use "
-        raise ValueError(
-            f"k={k} is larger than the {reachable} gallery items a query can retrieve{why}; "
-            f"{fix}a larger gallery"
-        )
+    require(k is None or k <= reachable, f"k={k} is larger than the {reachable} gallery items a "
+            f"query can retrieve{' after excluding its own row' if exclude_self else ''}; use "
+            f"{f'k <= {reachable} or ' if reachable >= 1 else ''}a larger gallery")
 
 
 def _sets(features: ArrayLike, labels: Any, gallery: ArrayLike | None, gallery_labels: Any,
@@ -103,32 +80,21 @@ def _sets(features: ArrayLike, labels: Any, gallery: ArrayLike | None, gallery_l
     """
     q = _features(features, "features")
     q_labels = _labels(labels, q, "labels", "features")
-    if len(q) == 0:
-        raise ValueError("features is empty; pass at least one query row")
+    require(len(q) > 0, "features is empty; pass at least one query row")
     if gallery is None:
-        if gallery_labels is not None:
-            raise ValueError(
-                "gallery_labels was given without gallery; pass gallery=<features [M, D]> "
-                "too, or drop gallery_labels for leave-one-out over `features`"
-            )
-        if exclude_self is False:
-            raise ValueError(
-                "exclude_self=False with gallery=None would let every query retrieve itself; "
-                "leave-one-out always excludes self (leave exclude_self unset), or pass a gallery"
-            )
+        require(gallery_labels is None, "gallery_labels was given without gallery; pass "
+                "gallery=<features [M, D]> too, or drop gallery_labels for leave-one-out")
+        require(exclude_self is not False, "exclude_self=False with gallery=None would let "
+                "every query retrieve itself; leave it unset for leave-one-out, or pass a gallery")
         return q, q_labels, q, q_labels, True
-
     g = _features(gallery, "gallery", queries=q)
     if gallery_labels is not None:
         g_labels = _labels(gallery_labels, g, "gallery_labels", "gallery")
         return q, q_labels, g, g_labels, False if exclude_self is None else exclude_self
     # same images embedded by another model: row i of the gallery is query i's image
-    if len(g) != len(q):
-        raise ValueError(
-            f"gallery has {len(g)} rows but features has {len(q)}; without gallery_labels "
-            "the gallery must be the same images as the queries (aligned rows), "
-            "otherwise pass gallery_labels"
-        )
+    require(len(g) == len(q), f"gallery has {len(g)} rows but features has {len(q)}; without "
+            "gallery_labels the gallery must be the same images as the queries (aligned rows), "
+            "otherwise pass gallery_labels")
     return q, q_labels, g, q_labels, True if exclude_self is None else exclude_self
 
 
@@ -232,11 +198,9 @@ def mean_average_precision(features: ArrayLike, labels: Any, *, gallery: ArrayLi
         ap_sum += ap.double().sum().item()
         num_valid += int(valid.sum().item())
 
-    if num_valid == 0:  # also a leave-one-out set of one item: no other item to rank
-        raise ValueError(
-            "no query has a positive (a gallery item with the same label, self excluded), "
-            "so mAP is undefined; check the labels, or that each class has >= 2 items"
-        )
+    # also a leave-one-out set of one item: no other item to rank
+    require(num_valid > 0, "no query has a positive (a gallery item with the same label, self "
+            "excluded), so mAP is undefined; check the labels, or that each class has >= 2 items")
     return ap_sum / num_valid
 
 
@@ -246,8 +210,8 @@ def chance_recall_at_1(labels: Any) -> float:
     class c among N. Print it beside every R@1 a reader must judge (1/C for C balanced classes,
     a little less). Also the chance level of cross-model retrieval on the same images."""
     y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    if y.ndim != 1 or len(y) < 2:
-        raise ValueError(f"labels must be 1-D with at least 2 items, got shape {y.shape}")
+    require(y.ndim == 1 and len(y) >= 2, f"labels must be 1-D with at least 2 items, got shape "
+            f"{y.shape}")
     n_c = np.unique(y, return_counts=True)[1].astype(np.float64)
     return float((n_c * (n_c - 1)).sum() / (len(y) * (len(y) - 1)))
 
@@ -268,24 +232,16 @@ def forgetting(R: np.ndarray) -> np.ndarray:
     has no "before" and is left out, so for the usual square R the shape is [J-1].
     """
     R = np.asarray(R, dtype=np.float64)
-    if R.ndim != 2:
-        raise ValueError(f"R must be 2-D [num_steps, num_tasks], got shape {R.shape}")
+    require(R.ndim == 2, f"R must be 2-D [num_steps, num_tasks], got shape {R.shape}")
     T, J = R.shape
-    if T < 2:
-        raise ValueError(f"forgetting needs at least 2 trained steps (rows of R), got {T}")
-    if J < T - 1:
-        raise ValueError(
-            f"R has {T} steps but only {J} tasks; every task trained before the last "
-            "step needs a column (R is [num_steps, num_tasks] with num_tasks >= num_steps - 1)"
-        )
+    require(T >= 2, f"forgetting needs at least 2 trained steps (rows of R), got {T}")
+    require(J >= T - 1, f"R has {T} steps but only {J} tasks; every task trained before the "
+            "last step needs a column")
     f = np.empty(T - 1)
     for j in range(T - 1):
         col = R[j:, j]  # steps at which task j had been seen: j..T-1
-        if np.isnan(col).any():
-            raise ValueError(
-                f"R[t, {j}] is NaN for some t >= {j}; task {j} must be evaluated at every "
-                "step from the one that trained it on"
-            )
+        require(not np.isnan(col).any(), f"R[t, {j}] is NaN for some t >= {j}; task {j} must "
+                "be evaluated at every step from the one that trained it on")
         f[j] = col[:-1].max() - col[-1]
     return f
 
@@ -301,9 +257,9 @@ def compatibility_matrix(features: list[ArrayLike], labels: Any) -> torch.Tensor
     features: T arrays [N, D], the same images (row n is image n) embedded by the model after
     task 1..T; labels [N]. The diagonal is each model's own leave-one-out R@1; the lower
     triangle is "new queries, old gallery" (Shen et al. 2020, BCT)."""
-    if len(features) == 0 or len({len(f) for f in features}) != 1:
-        raise ValueError(f"compatibility_matrix needs T >= 1 feature arrays of the same images "
-                         f"(one row per image), got {[len(f) for f in features]} rows")
+    require(len(features) > 0 and len({len(f) for f in features}) == 1, "compatibility_matrix "
+            "needs T >= 1 feature arrays of the same images (one row per image), got "
+            f"{[len(f) for f in features]} rows")
     T = len(features)
     M = torch.full((T, T), float("nan"))
     for i in range(T):
@@ -314,8 +270,8 @@ def compatibility_matrix(features: list[ArrayLike], labels: Any) -> torch.Tensor
 
 def _lower_pairs(M: ArrayLike) -> tuple[np.ndarray, int]:
     M = np.asarray(torch.as_tensor(M).cpu(), dtype=np.float64)
-    if M.ndim != 2 or M.shape[0] != M.shape[1]:
-        raise ValueError(f"a compatibility matrix is square [T, T], got shape {M.shape}")
+    require(M.ndim == 2 and M.shape[0] == M.shape[1],
+            f"a compatibility matrix is square [T, T], got shape {M.shape}")
     return M, M.shape[0]
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from csdkit import metrics
+from csdkit import metrics, require
 from csdkit.models import extract
 
 NONE = "none"  # model B's "show one model only" choice
@@ -45,22 +45,22 @@ RIGHT, WRONG, QUERY = "#1a9850", "#d73027", "#2166ac"  # border colours: green, 
 def model_features(models: Mapping[str, nn.Module | torch.Tensor | np.ndarray],
                    images: torch.Tensor, mean: Any, std: Any) -> dict[str, torch.Tensor]:
     """name -> float32 CPU features [N, D]: a model's are extracted once, an array is checked."""
-    _require(isinstance(models, Mapping) and len(models) > 0,
+    require(isinstance(models, Mapping) and len(models) > 0,
              "models must be a non-empty dict: display name -> model or features")
     out = {}
     for name, m in models.items():
-        _require(isinstance(name, str) and name != NONE,
+        require(isinstance(name, str) and name != NONE,
                  f"model names must be strings other than {NONE!r}, got {name!r}")
         if isinstance(m, nn.Module):
-            _require(mean is not None and std is not None,
+            require(mean is not None and std is not None,
                      f"model {name!r} needs mean and std to normalise the images")
             f = extract(m, images, mean, std)[0].cpu()
         else:
-            _require(isinstance(m, torch.Tensor | np.ndarray),
+            require(isinstance(m, torch.Tensor | np.ndarray),
                      f"models[{name!r}] must be a model or features [N, D], got "
                      f"{type(m).__name__}")
             f = torch.as_tensor(m).detach().cpu().float()
-        _require(f.ndim == 2 and len(f) == len(images),
+        require(f.ndim == 2 and len(f) == len(images),
                  f"features of {name!r} have shape {tuple(f.shape)}; expected "
                  f"[{len(images)}, D], one row per image")
         out[name] = f
@@ -188,7 +188,7 @@ class RetrievalExplorer:
         query_class jumps to the first image of that class, like the dropdown; give query or
         query_class, not both.
         """
-        _require(query is None or query_class is None,
+        require(query is None or query_class is None,
                  "give query or query_class, not both (query_class picks a query)")
         if query_class is not None:
             _check_in("query_class", query_class, list(self.first_of_class))
@@ -318,35 +318,30 @@ def _show(ax: Any, image: np.ndarray, title: str, colour: str) -> None:
 # checks of what a user passes in ------------------------------------------------------------------
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 def _check_in(what: str, value: Any, choices: list | range) -> None:
     """A choice from a list, or an integer (not a bool) in a range."""
     if isinstance(choices, range):
         ok = isinstance(value, int | np.integer) and not isinstance(value, bool)
-        _require(ok and choices.start <= value < choices.stop, f"{what} must be an integer in "
+        require(ok and choices.start <= value < choices.stop, f"{what} must be an integer in "
                  f"[{choices.start}, {choices.stop - 1}], got {value!r}")
     else:
-        _require(value in choices, f"unknown {what} {value!r}; choose one of {choices}")
+        require(value in choices, f"unknown {what} {value!r}; choose one of {choices}")
 
 
 def _check_data(images: Any, labels: Any, class_names: list[str]):
     """images as a CPU tensor, labels as a long tensor [N], class_names as a list."""
-    _require(isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+    require(isinstance(images, torch.Tensor) and images.dtype == torch.uint8
              and images.ndim == 4 and images.shape[1] == 3,
              "images must be a uint8 tensor [N, 3, H, W], got "
              f"{tuple(images.shape) if hasattr(images, 'shape') else type(images).__name__}")
     if isinstance(labels, torch.Tensor):
         labels = labels.cpu()
     labels, class_names = torch.as_tensor(np.asarray(labels)).long(), list(class_names)
-    _require(labels.ndim == 1 and len(labels) == len(images),
+    require(labels.ndim == 1 and len(labels) == len(images),
              f"labels must be [N] with N = {len(images)} (one per image), got shape "
              f"{tuple(labels.shape)}")
-    _require(len(labels) >= 2, "leave-one-out retrieval needs at least 2 images")
-    _require(0 <= labels.min() and labels.max() < len(class_names),
+    require(len(labels) >= 2, "leave-one-out retrieval needs at least 2 images")
+    require(0 <= labels.min() and labels.max() < len(class_names),
              f"labels must index class_names (0..{len(class_names) - 1}), got "
              f"range [{int(labels.min())}, {int(labels.max())}]")
     return images.cpu(), labels, class_names
