@@ -21,6 +21,21 @@ DEMO_PAIRS = [("fd", "finetune"), ("lwf", "finetune"), ("csd", "finetune"),
               ("csd_official", "finetune"), ("csd", "lwf"), ("csd", "fd"), ("csd_official", "fd"),
               ("csd_official", "csd")]
 DEMO_METRICS = ("task_avg_R@1", "first_task_R@1")
+#: `csdkit run`'s options that override a Config field: --flag: (field, type, help).
+RUN_OPTIONS = {
+    "data-root": ("data_root", str, "where datasets are downloaded/cached (default data/)"),
+    "data-path": ("data_path", str, "imagefolder: folder of class sub-folders"),
+    "tasks": ("n_tasks", int, "number of equal tasks"),
+    "first-task": ("first_task", int, "classes in the first task (with --increment)"),
+    "increment": ("increment", int, "classes per later task"),
+    "depth": ("depth", int, "ResNet depth 6n+2: 8, 14, 20, 32, 44, 56"),
+    "epochs": ("epochs", int, "epochs per task"),
+    "batch-size": ("batch_size", int, None),
+    "lr-first": ("lr_first", float, "learning rate of the first task"),
+    "lr-later": ("lr_later", float, "learning rate of later tasks"),
+    "seed": ("seed", int, None),
+    "device": ("device", str, "auto (CUDA if present), cpu, cuda, cuda:1 ..."),
+}
 
 
 def demo(preset_name: str, seeds: list[int], methods: list[str], out: Path, workers: int,
@@ -106,20 +121,10 @@ def _parser() -> argparse.ArgumentParser:
                    "protocol; paper: the authors' CIFAR-100 protocol (800 epochs a task)")
     r.add_argument("--method", choices=list(METHODS), default="csd")
     r.add_argument("--dataset", choices=DATASETS, help="overrides the preset's dataset")
-    r.add_argument("--data-root", help="where datasets are downloaded/cached (default data/)")
-    r.add_argument("--data-path", help="imagefolder: folder of class sub-folders")
-    r.add_argument("--tasks", type=int, help="number of equal tasks")
-    r.add_argument("--first-task", type=int, help="classes in the first task (with --increment)")
-    r.add_argument("--increment", type=int, help="classes per later task")
+    for flag, (_, kind, text) in RUN_OPTIONS.items():
+        r.add_argument(f"--{flag}", type=kind, help=text)
     r.add_argument("--class-order", help="natural (0..n-1, the authors'), icarl (numpy seed "
                    "1993), seed, or a comma-separated permutation")
-    r.add_argument("--depth", type=int, help="ResNet depth 6n+2: 8, 14, 20, 32, 44, 56")
-    r.add_argument("--epochs", type=int, help="epochs per task")
-    r.add_argument("--batch-size", type=int)
-    r.add_argument("--lr-first", type=float, help="learning rate of the first task")
-    r.add_argument("--lr-later", type=float, help="learning rate of later tasks")
-    r.add_argument("--seed", type=int)
-    r.add_argument("--device", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     r.add_argument("--compile", action="store_true", help="CUDA: torch.compile the model")
     r.add_argument("--no-bf16", action="store_true", help="CUDA: train in fp32 (bf16 autocast "
                    "is the default on GPUs with native bf16, Ampere or newer)")
@@ -133,12 +138,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_command(a: argparse.Namespace) -> None:
     cfg = preset(a.preset, a.dataset)
-    changes = {
-        "data_root": a.data_root, "data_path": a.data_path,
-        "n_tasks": a.tasks, "first_task": a.first_task, "increment": a.increment,
-        "depth": a.depth, "epochs": a.epochs, "batch_size": a.batch_size,
-        "lr_first": a.lr_first, "lr_later": a.lr_later, "seed": a.seed, "device": a.device,
-    }
+    changes = {field: getattr(a, flag.replace("-", "_")) for flag, (field, _, _) in
+               RUN_OPTIONS.items()}
     if a.class_order:
         order = a.class_order
         changes["class_order"] = [int(c) for c in order.split(",")] if "," in order else order

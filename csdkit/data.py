@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from csdkit import require
+
 DATASETS = ("digits", "glyphs", "cifar10", "cifar100", "imagefolder")
 CLASS_ORDERS = ("icarl", "natural", "seed")
 
@@ -45,11 +47,10 @@ class ImageSet:
     labels: torch.Tensor
 
     def __post_init__(self) -> None:  # where user-built sets enter
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
-            raise ValueError(f"ImageSet.images must be uint8 [N, 3, H, W], got "
-                             f"{self.images.dtype} {tuple(self.images.shape)}")
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        x = self.images
+        require(x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3, "ImageSet.images "
+                f"must be uint8 [N, 3, H, W], got {x.dtype} {tuple(x.shape)}")
+        require(len(x) == len(self.labels), f"{len(x)} images but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -97,11 +98,9 @@ class Dataset:
     def relabel(self, class_order: Sequence[int]) -> Dataset:
         """Relabel so that original class `class_order[i]` becomes label i."""
         class_order = [int(c) for c in class_order]
-        if sorted(class_order) != list(range(self.n_classes)):
-            # otherwise classes left out would keep uninitialised labels from torch.empty
-            raise ValueError(
-                f"relabel needs a permutation of 0..{self.n_classes - 1}, got {class_order}"
-            )
+        # otherwise classes left out would keep uninitialised labels from torch.empty
+        require(sorted(class_order) == list(range(self.n_classes)),
+                f"relabel needs a permutation of 0..{self.n_classes - 1}, got {class_order}")
         lut = torch.empty(self.n_classes, dtype=torch.long)
         lut[torch.as_tensor(class_order)] = torch.arange(self.n_classes)
         splits = [ImageSet(s.images, lut[s.labels]) for s in (self.train, self.val, self.test)]
@@ -219,14 +218,12 @@ def load_dataset(name: str = "digits", root: str | Path = "data", image_size: in
     tests on images that another seed tuned on. The seed draws the validation split of the
     others. Test images are never used for any decision.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if name == "imagefolder" and path is None:
-        raise ValueError("dataset 'imagefolder' needs path= (--data-path) to a folder")
-    if image_size is not None and not (isinstance(image_size, int) and image_size >= 4):
-        raise ValueError(f"image_size must be an integer >= 4 (or None), got {image_size!r}")
+    require(name in DATASETS, f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    require(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
+    require(name != "imagefolder" or path is not None,
+            "dataset 'imagefolder' needs path= (--data-path) to a folder")
+    require(image_size is None or (isinstance(image_size, int) and image_size >= 4),
+            f"image_size must be an integer >= 4 (or None), got {image_size!r}")
     root = Path(root)
     size = image_size if image_size is not None else 16 if name in ("digits", "glyphs") else 32
     info: dict = {}
@@ -300,15 +297,12 @@ def class_order(n_classes: int, order: str | list[int] = "icarl", seed: int = 0)
             return list(range(n_classes))
         if order == "seed":
             return np.random.RandomState(seed).permutation(n_classes).tolist()
-        raise ValueError(
-            f"unknown class order {order!r}; use one of {', '.join(CLASS_ORDERS)} or a list"
-        )
+        raise ValueError(f"unknown class order {order!r}; use one of {', '.join(CLASS_ORDERS)} "
+                         "or a list")
     order = [int(c) for c in order]
-    if sorted(order) != list(range(n_classes)):
-        raise ValueError(
-            f"an explicit class order must be a permutation of 0..{n_classes - 1} "
-            f"(each class exactly once); got {len(order)} entries"
-        )
+    require(sorted(order) == list(range(n_classes)), "an explicit class order must be a "
+            f"permutation of 0..{n_classes - 1} (each class exactly once); got {len(order)} "
+            "entries")
     return order
 
 
@@ -318,31 +312,24 @@ def make_split(n_classes: int, n_tasks: int | None = None, first: int | None = N
     """Cut n_classes into tasks: `n_tasks` equal tasks, or a first task of `first` classes
     followed by tasks of `increment` classes each (e.g. CIFAR-100 as 50 + 5 x 10)."""
     if first is None and increment is None:
-        if n_tasks is None or n_tasks < 1:
-            raise ValueError("make_split needs n_tasks >= 1, or first= and increment=")
-        if n_classes % n_tasks:
-            divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
-            raise ValueError(
-                f"{n_tasks} tasks do not divide {n_classes} classes evenly; choose n_tasks "
-                f"among {divisors}, or give first= and increment= (e.g. first=50, increment=10)"
-            )
+        require(n_tasks is not None and n_tasks >= 1,
+                "make_split needs n_tasks >= 1, or first= and increment=")
+        divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
+        require(n_classes % n_tasks == 0, f"{n_tasks} tasks do not divide {n_classes} classes "
+                f"evenly; choose n_tasks among {divisors}, or give first= and increment= (e.g. "
+                "first=50, increment=10)")
         increments = [n_classes // n_tasks] * n_tasks
     else:
         first = first if first is not None else increment
-        if increment is None or first < 1 or increment < 1:
-            raise ValueError("first and increment must be positive class counts")
+        require(increment is not None and first >= 1 and increment >= 1,
+                "first and increment must be positive class counts")
         rest = n_classes - first
-        if rest < 0 or rest % increment:
-            raise ValueError(
-                f"a first task of {first} classes plus tasks of {increment} does not cover "
-                f"{n_classes} classes exactly; (n_classes - first) must be a multiple of increment"
-            )
+        require(rest >= 0 and rest % increment == 0, f"a first task of {first} classes plus "
+                f"tasks of {increment} does not cover {n_classes} classes exactly; (n_classes - "
+                "first) must be a multiple of increment")
         increments = [first] + [increment] * (rest // increment)
-        if n_tasks is not None and n_tasks != len(increments):
-            raise ValueError(
-                f"first={first}, increment={increment} gives {len(increments)} tasks, "
-                f"not n_tasks={n_tasks}"
-            )
+        require(n_tasks is None or n_tasks == len(increments), f"first={first}, increment="
+                f"{increment} gives {len(increments)} tasks, not n_tasks={n_tasks}")
     return TaskSplit(class_order(n_classes, order, seed), increments)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csdkit import require
 from csdkit.data import channel_stats, normalize
 
 
@@ -66,8 +67,7 @@ class CosineClassifier(nn.Module):
 
         A new Parameter replaces the old one, so build the optimizer after growing.
         """
-        if n_new < 1:
-            raise ValueError(f"grow() needs n_new >= 1, got {n_new}")
+        require(n_new >= 1, f"grow() needs n_new >= 1, got {n_new}")
         new_rows = torch.empty(n_new, self.weight.shape[1], device=self.weight.device)
         nn.init.kaiming_uniform_(new_rows, a=5**0.5)
         self.weight = nn.Parameter(torch.cat([self.weight.detach(), new_rows.to(self.weight)]))
@@ -78,10 +78,8 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: int = 32, n_classes: int = 10):
         super().__init__()
-        if depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(
-                f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, ...), got {depth}"
-            )
+        require(depth >= 8 and (depth - 2) % 6 == 0,
+                f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, ...), got {depth}")
         n = (depth - 2) // 6
         self.depth = depth
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)

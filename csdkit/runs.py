@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from csdkit import losses
+from csdkit import losses, require
 from csdkit.models import ResNet, resnet
 
 if TYPE_CHECKING:
@@ -156,18 +156,14 @@ def load_checkpoint(path: str | Path, model: ResNet | None = None) -> tuple[ResN
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     missing = [k for k in ("model", "depth", "n_classes") if not isinstance(ckpt, dict) or
                k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a csdkit checkpoint (no {', '.join(map(repr, missing))} "
-                         "entries); csdkit writes them with save_checkpoint or `csdkit run`")
+    require(not missing, f"{path} is not a csdkit checkpoint (no {', '.join(map(repr, missing))} "
+            "entries); csdkit writes them with save_checkpoint or `csdkit run`")
     depth, n_classes = int(ckpt["depth"]), int(ckpt["n_classes"])
-    if model is None:
-        model = resnet(depth, n_classes)
-    elif model.depth != depth or model.n_classes != n_classes:
-        raise ValueError(
-            f"{path} holds a ResNet-{depth} with {n_classes} classes, but the model given is a "
-            f"ResNet-{model.depth} with {model.n_classes} classes; build the model with "
-            f"resnet({depth}, {n_classes}) or call load_checkpoint(path) without a model"
-        )
+    model = resnet(depth, n_classes) if model is None else model
+    require(model.depth == depth and model.n_classes == n_classes, f"{path} holds a ResNet-"
+            f"{depth} with {n_classes} classes, but the model given is a ResNet-{model.depth} "
+            f"with {model.n_classes} classes; build the model with resnet({depth}, {n_classes}) "
+            "or call load_checkpoint(path) without a model")
     model.load_state_dict(ckpt["model"])
     return model, {k: v for k, v in ckpt.items() if k != "model"}
 
@@ -179,24 +175,18 @@ def resume(path: Path, identity: dict, trained_on: dict, anywhere: bool, device:
     model, info = load_checkpoint(path)
     saved = json.loads(info.get("identity", "{}"))
     if shared_first:
-        if info.get("task") != 0 or saved.get("method") == "joint":
-            raise ValueError(f"{path} is not a first-task checkpoint of a continual method")
+        require(info.get("task") == 0 and saved.get("method") != "joint",
+                f"{path} is not a first-task checkpoint of a continual method")
         saved = {**saved, **{k: identity[k] for k in LATER_TASKS_ONLY}}
-    if saved != identity:
-        diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
-        raise ValueError(
-            f"{path} belongs to another run (differs in: {', '.join(diff) or 'everything'}; "
-            f"'data' means other images, labels or class order). Nothing was overwritten: "
-            f"choose another output folder, or delete {path.parent} to start afresh."
-        )
+    diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    require(not diff, f"{path} belongs to another run (differs in: {', '.join(diff)}; 'data' "
+            "means other images, labels or class order). Nothing was overwritten: choose another "
+            f"output folder, or delete {path.parent} to start afresh.")
     theirs = {k: info.get(k) for k in trained_on}
-    if theirs != trained_on and not anywhere:
-        raise ValueError(
-            f"{path} was trained on {theirs['machine']} in {theirs['precision']}, this run is "
-            f"on {trained_on['machine']} in {trained_on['precision']}: its numbers would mix "
-            "two machines. To resume anyway pass resume_anywhere=True (--resume-anywhere); "
-            "otherwise use another output folder."
-        )
+    require(theirs == trained_on or anywhere, f"{path} was trained on {theirs['machine']} in "
+            f"{theirs['precision']}, this run is on {trained_on['machine']} in "
+            f"{trained_on['precision']}: its numbers would mix two machines. To resume anyway "
+            "pass resume_anywhere=True (--resume-anywhere); otherwise use another output folder.")
     return model.to(device), info
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from csdkit import losses, metrics
+from csdkit import losses, metrics, require
 from csdkit.data import (
     Dataset,
     ImageSet,
@@ -123,9 +123,8 @@ class Config:
         def whole(name: str, lowest: int, none_ok: bool = False) -> None:
             v = getattr(self, name)
             integer = isinstance(v, int | np.integer) and not isinstance(v, bool)
-            if not (none_ok and v is None) and (not integer or v < lowest):
-                raise ValueError(f"{name} must be an integer >= {lowest}"
-                                 f"{' (or None)' if none_ok else ''}, got {v!r}")
+            require((none_ok and v is None) or (integer and v >= lowest), f"{name} must be an "
+                    f"integer >= {lowest}{' (or None)' if none_ok else ''}, got {v!r}")
 
         whole("epochs", 1)
         whole("depth", 8)
@@ -133,15 +132,12 @@ class Config:
         whole("epochs_first", 1, none_ok=True)
         whole("image_size", 4, none_ok=True)
         for name in ("lr_first", "lr_later", "kd_temperature", "csd_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("bf16", "channels_last"):
-            if getattr(self, name) not in (True, False, "always"):
-                raise ValueError(f"{name} must be True (CUDA only), 'always' or False, "
-                                 f"got {getattr(self, name)!r}")
-        if self.compile not in (True, False, *COMPILE_MODES):
-            raise ValueError(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}"
-                             f" (it acts on CUDA only), got {self.compile!r}")
+            require(getattr(self, name) in (True, False, "always"), f"{name} must be True (CUDA "
+                    f"only), 'always' or False, got {getattr(self, name)!r}")
+        require(self.compile in (True, False, *COMPILE_MODES), "compile must be True, False or "
+                f"one of {', '.join(COMPILE_MODES)} (it acts on CUDA only), got {self.compile!r}")
 
 
 PRESETS: dict[str, Config] = {
@@ -173,8 +169,7 @@ PRESETS: dict[str, Config] = {
 
 def preset(name: str, dataset: str | None = None) -> Config:
     """A preset's config, on another dataset if `dataset` is given."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    require(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name] if dataset is None else PRESETS[name].replace(dataset=dataset)
 
 
@@ -182,9 +177,8 @@ def resolve_device(device: str) -> torch.device:
     """"auto": CUDA when present, else the CPU; a CUDA device that is absent is refused."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; "
-                         "use --device cpu (or auto)")
+    require(not device.startswith("cuda") or torch.cuda.is_available(), f"device {device!r} "
+            "asked for, but CUDA is not available here; use --device cpu (or auto)")
     return torch.device(device)
 
 
@@ -490,8 +484,7 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
     (every method but joint trains the first task identically, so one serves them all).
     last_task: stop after this task (0-based); a later call without it resumes from there.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    require(method in METHODS, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     cfg.check()
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -503,9 +496,8 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
     steps = [list(range(data.n_classes))] if method == "joint" else [
         split.classes(t) for t in range(split.n_tasks)]
     if last_task is not None:
-        if not isinstance(last_task, int | np.integer) or not 0 <= last_task < len(steps):
-            raise ValueError(f"last_task must be a task index 0..{len(steps) - 1}, got "
-                             f"{last_task!r}")
+        require(isinstance(last_task, int | np.integer) and 0 <= last_task < len(steps),
+                f"last_task must be a task index 0..{len(steps) - 1}, got {last_task!r}")
         steps = steps[: last_task + 1]
     out = Path(out_dir) if out_dir is not None else None
     result = RunResult(method, identity, split.class_order, split.increments, **trained_on)
