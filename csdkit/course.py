@@ -36,9 +36,8 @@ SEEDS = (0, 1, 2)
 
 def claim(statement: str, holds: bool, **measured) -> None:
     """A notebook's claim check: print `✔ statement`, or `✘ statement: does not hold here`, and
-    under it the measured values. The notebook tests compare the first line (so a ✘ fails
-    them) and ignore the second (notebooks/sanitize.cfg: the numbers move with the machine).
-    Nothing is raised, so "Run All" still reaches the exercises."""
+    under it the measured values. nbval compares the first line (a ✘ fails it) and ignores the
+    second (notebooks/sanitize.cfg). Nothing is raised, so "Run All" still reaches the rest."""
     print(f"✔ {statement}" if holds else f"✘ {statement}: does not hold here")
     if measured:
         print("  ↳ measured: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else
@@ -59,7 +58,7 @@ class Course:
     workers: int
     _memo: dict = field(default_factory=dict, repr=False)
 
-    def _cached(self, key: tuple, compute):
+    def _cached(self, key: tuple, compute):  # the memo's value, computed on the first call
         return self._memo[key] if key in self._memo else self._memo.setdefault(key, compute())
 
     def data(self, seed: int | None = None) -> tuple[Dataset, TaskSplit]:
@@ -143,10 +142,10 @@ class Course:
         return self._cached(("baselines", seed), compute)
 
     def facts(self, method: str, seed: int) -> dict[str, float]:
-        """A run's numbers: from its task matrix (first_task_* after task 1 / the last, new_task
-        the mean of its diagonal over tasks 2..T, the new tasks; old_tasks_final tasks 1..T-1 at
-        the end), the drift of task 1's
-        classes (drift_ratio) and the final model's R@1 in the first model's gallery."""
+        """A run's numbers: from its task matrix (first_task_* after task 1 / the last; new_task
+        the mean of its diagonal over tasks 2..T; old_tasks_final tasks 1..T-1 at the end), the
+        drift of task 1's classes (drift_ratio), the final model's R@1 in the first model's
+        gallery, and `_old_classes`."""
         def compute() -> dict[str, float]:
             r = self.runs([method], (seed,))[method][0]
             R = np.asarray(r.recall, dtype=float)

@@ -211,13 +211,11 @@ def load_dataset(name: str = "digits", root: str | Path = "data", image_size: in
                  path: str | Path | None = None) -> Dataset:
     """Load a dataset as uint8 tensors with a seeded, stratified validation split of train.
 
-    image_size defaults to 16 for digits and glyphs (small and fast on a CPU) and 32 otherwise.
-    The test split never depends on the seed (CIFAR's own; a fixed 25% of digits and of an
-    imagefolder without train/test sub-folders; fixed fonts for glyphs), and the validation
-    split is carved from the training images (glyphs: fixed held-out fonts), so no seed ever
-    tests on images that another seed tuned on. The seed draws the validation split of the
-    others. Test images are never used for any decision.
-    """
+    image_size defaults to 16 for digits and glyphs, 32 otherwise. The test split never depends
+    on the seed (CIFAR's own; a fixed 25% of digits and of an imagefolder without train/test
+    sub-folders; fixed fonts for glyphs) and validation comes from the training images (glyphs:
+    fixed held-out fonts), so no seed tests on images another seed tuned on. Test images are
+    never used for any decision."""
     require(name in DATASETS, f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     require(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
     require(name != "imagefolder" or path is not None,

@@ -9,9 +9,8 @@ are `map_recall_at_1` (does the picture separate the classes?) and, in feature s
 `drift_ratio` and `centroid_shift`.
 
 UMAP is compiled by numba the first time it runs in a process (about 30 s on 2 CPU cores);
-`DriftMap` turns on numba's on-disk cache for umap's jitted functions so that later processes
-load them. After upgrading umap or pynndescent, delete numba's cache (numba checks a cached
-function's own source file, not its callees').
+`DriftMap` turns on numba's on-disk cache for umap's jitted functions. After upgrading umap or
+pynndescent, delete numba's cache (numba checks a function's own source, not its callees').
 """
 
 from __future__ import annotations
@@ -46,11 +45,11 @@ def _check_pair(old: Any, new: Any, labels: Any) -> tuple[np.ndarray, np.ndarray
     """The same N images under the old and the new model, [N, D] each, and their labels [N]."""
     old, new = _as_2d_array(old, "old_features"), _as_2d_array(new, "new_features")
     require(old.shape == new.shape,
-             f"old_features {old.shape} and new_features {new.shape} must have the same shape: "
-             "the same images (same order) embedded by the old and by the new model")
+            f"old_features {old.shape} and new_features {new.shape} must have the same shape: "
+            "the same images (same order) embedded by the old and by the new model")
     labels = np.asarray(labels.detach().cpu().numpy() if hasattr(labels, "detach") else labels)
     require(labels.ndim == 1 and len(labels) == len(old),
-             f"labels must be [N] with N = {len(old)} (one per row), got shape {labels.shape}")
+            f"labels must be [N] with N = {len(old)} (one per row), got shape {labels.shape}")
     return old, new, labels.astype(np.int64)
 
 
@@ -154,8 +153,8 @@ class DriftMap:
         """[N', D] features of a new model -> [N', 2] float32, placed into the old map."""
         new = _as_2d_array(new_features, "new_features")
         require(new.shape[1] == self.dim and len(new) > 0,
-                 f"new_features must be [N', {self.dim}] with N' >= 1 (the dimension the map "
-                 f"was fitted on), got shape {new.shape}")
+                f"new_features must be [N', {self.dim}] with N' >= 1 (the dimension the map "
+                f"was fitted on), got shape {new.shape}")
         with _quiet_umap():
             xy = self._reducer.transform(_l2_normalise(new).astype(np.float32))
         return xy.astype(np.float32)  # a copy: for the fitted array umap returns its own
@@ -182,14 +181,10 @@ def _centroids(x: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.nda
 def centroid_shift(
     old_features: Any, new_features: Any, labels: Any, classes: Iterable[int] | None = None
 ) -> dict[int, float]:
-    """Cosine distance between each class's mean direction under the old and the new model.
-
-    old_features, new_features: [N, D], the same N images under both models; labels [N]. For
-    class c, m_old and m_new are the means of its images' L2-normalised features and shift[c] =
-    1 - cos(m_old, m_new): 0 the class points the same way, 1 orthogonal. Only meaningful when
-    the two feature spaces are comparable, which is what distillation (FD, CSD) asks of the new
-    model. classes: which classes (default: all in labels, ascending). Returns {class: shift}.
-    """
+    """{class: 1 - cos(m_old, m_new)}: how far each class's mean direction turned (0 not at
+    all, 1 orthogonal). old_features, new_features [N, D]: the same N images under both models;
+    labels [N]; m_old, m_new the means of a class's L2-normalised features. classes: which
+    (default: all in labels, ascending). Meaningful because the new model continues the old."""
     old, new, labels = _check_pair(old_features, new_features, labels)
     classes = _pick_classes(labels, classes)
     out = {}
@@ -203,19 +198,14 @@ def centroid_shift(
 def drift_ratio(
     old_features: Any, new_features: Any, labels: Any, classes: Iterable[int] | None = None
 ) -> float:
-    """How far classes moved, in units of how far apart classes are: 0 nothing moved, 1 a class
-    moved as far as two classes are apart.
-
-    old_features, new_features [N, D], labels [N], m_old(c), m_new(c) as in `centroid_shift`:
-    shift(c) = ||m_new(c) - m_old(c)||, gap = the mean over pairs of classes of ||m_old(c) -
-    m_old(c')||. Returns mean shift / gap as a float. classes: which classes both means run over
-    (default: all in labels; pass the old classes to ask how far what the old model knew moved).
-    Only meaningful because the new model continues the old one (one shared feature space).
-    """
+    """How far classes moved, in units of how far apart classes are (0 nothing moved, 1 a class
+    moved as far as two classes are apart): mean over classes of ||m_new(c) - m_old(c)|| over
+    the mean over class pairs of ||m_old(c) - m_old(c')||, with the inputs and m as in
+    `centroid_shift`. classes: which classes both means run over (default: all in labels)."""
     old, new, labels = _check_pair(old_features, new_features, labels)
     classes = _pick_classes(labels, classes)
     require(len(classes) >= 2,
-             f"need at least 2 classes for the distance between classes, got {len(classes)}")
+            f"need at least 2 classes for the distance between classes, got {len(classes)}")
     m_old, m_new = _centroids(old, labels, classes), _centroids(new, labels, classes)
     shift = np.linalg.norm(m_new - m_old, axis=1).mean()
     i, j = np.triu_indices(len(classes), k=1)  # each unordered pair once
@@ -246,11 +236,11 @@ def plot_drift(
     require(arrows in ARROWS, f"arrows must be one of {ARROWS}, got {arrows!r}")
     old_2d, new_2d, labels = _check_pair(old_2d, new_2d, labels)
     require(old_2d.shape[1] == 2,
-             f"old_2d and new_2d must be [N, 2] map coordinates, got {old_2d.shape}")
+            f"old_2d and new_2d must be [N, 2] map coordinates, got {old_2d.shape}")
     old_classes = sorted({int(c) for c in old_classes})
     _pick_classes(labels, old_classes, "old classes")
     require(labels.min() >= 0 and labels.max() < len(class_names),
-             f"labels must index class_names (0..{len(class_names) - 1})")
+            f"labels must index class_names (0..{len(class_names) - 1})")
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 6.5))
 
@@ -275,10 +265,7 @@ def plot_drift(
             _centroid_arrow(ax, old_2d[m].mean(0), new_2d[m].mean(0), colours[c],
                             class_names[c] if len(old_classes) <= 20 else None)
     _legend(ax, colours, class_names)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_xlabel("UMAP 1")
-    ax.set_ylabel("UMAP 2")
+    ax.set(xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
     if title:
         ax.set_title(title)
     return ax

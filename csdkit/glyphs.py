@@ -26,11 +26,8 @@ SUPERSAMPLE = 4  # render and jitter at 4x, then box-downsample: cheap anti-alia
 CAP_HEIGHT = 0.55  # capitals take this fraction of the image height...
 MAX_EXTENT = 0.80  # ...unless the face's largest glyph would then exceed this fraction
 # Computer Modern ships one file per face and each file names its own family: group them by hand
-_CM_FAMILIES = {
-    **dict.fromkeys(("cmr10", "cmb10", "cmti10", "cmmi10"), "Computer Modern Roman"),
-    "cmss10": "Computer Modern Sans",
-    "cmtt10": "Computer Modern Typewriter",
-}
+_CM_FAMILIES = {**dict.fromkeys(("cmr10", "cmb10", "cmti10", "cmmi10"), "Computer Modern Roman"),
+                "cmss10": "Computer Modern Sans", "cmtt10": "Computer Modern Typewriter"}
 _UNASSIGNED = "\u0378"  # not a Unicode character: every face draws its .notdef glyph for it
 
 

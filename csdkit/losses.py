@@ -4,18 +4,13 @@ Barletti, Biondi, Pernici, Bruni, Del Bimbo, "Contrastive Supervised Distillatio
 Representation Learning", ICIAP 2021 (arXiv 2205.05476).
 
 Each loss is a small pure function of tensors, in the spirit of HobbitLong's SupConLoss and
-pytorch-metric-learning. Notation used in the docstrings:
+pytorch-metric-learning. Notation: B batch size, D feature dimension, C (old) classes; s_i, t_i
+the L2-normalised student and teacher features of sample i (the teacher is the frozen previous
+model), y_i its label, tau a temperature. The paper's objective: CE + triplet on task 1, CE +
+triplet + KD + CSD on every later task.
 
-    B  batch size          D  feature dimension        C  number of (old) classes
-    s_i  student feature of sample i, L2-normalised
-    t_i  teacher feature of sample i, L2-normalised (the teacher is the frozen previous model)
-    y_i  label of sample i           tau  temperature
-
-Objective of the paper: task 1 uses CE + triplet; task t > 1 uses CE + triplet + KD + CSD.
-
-The teacher is frozen: teacher tensors are detached here too, so a forgotten ``no_grad`` in the
-caller (which saves the teacher graph's memory) can never push gradients into the teacher.
-An input a loss cannot be computed on raises a ValueError that says how to fix it.
+Teacher tensors are detached here too, so a forgotten ``no_grad`` in the caller (which saves the
+teacher graph's memory) can never push gradients into the teacher.
 """
 
 from __future__ import annotations
@@ -31,9 +26,6 @@ __all__ = ["CSD_VARIANTS", "csd_loss", "feature_distillation_loss", "kd_loss", "
 #: Valid values of ``csd_loss(..., variant=...)``: the paper's Eq. 8, the authors' code, and two
 #: ablations (see `csd_loss`).
 CSD_VARIANTS: tuple[str, ...] = ("paper", "official", "transposed", "student")
-
-
-# --------------------------------------------------------------------------- input checks
 
 
 def _shape(x: object) -> str:
@@ -65,9 +57,6 @@ def _check(tensors: dict[str, Tensor], labels: Tensor | None = None,
                 f"{len(x)} rows; pass exactly one label per feature row.")
     if tau is not None:
         require(tau[1] > 0, f"{tau[0]} must be > 0 (it divides the logits); got {tau[1]}.")
-
-
-# --------------------------------------------------------------------------- CSD
 
 
 def csd_loss(student_features: Tensor, teacher_features: Tensor, labels: Tensor,
@@ -172,9 +161,6 @@ def csd_loss(student_features: Tensor, teacher_features: Tensor, labels: Tensor,
     return per_anchor.mean()
 
 
-# --------------------------------------------------------------------------- KD (LwF)
-
-
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 2.0) -> Tensor:
     r"""Learning-without-Forgetting knowledge distillation on the old classes.
 
@@ -196,9 +182,6 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 2.0) -> T
     log_q = F.log_softmax(teacher_logits.detach() / T, dim=1)
     # Working with log q (not log of softmax) keeps 0 * log 0 terms finite.
     return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
-
-
-# --------------------------------------------------------------------------- triplet
 
 
 def triplet_loss(features: Tensor, labels: Tensor, margin: float = 1.0) -> Tensor:
@@ -239,9 +222,6 @@ def triplet_loss(features: Tensor, labels: Tensor, margin: float = 1.0) -> Tenso
     hardest_neg = dist.masked_fill(~neg_mask, float("inf")).amin(dim=1)
     per_anchor = F.relu(hardest_pos - hardest_neg + margin)
     return torch.where(valid, per_anchor, 0.0).sum() / valid.sum().clamp_min(1)
-
-
-# --------------------------------------------------------------------------- feature distillation
 
 
 def feature_distillation_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:

@@ -6,10 +6,8 @@ D embedding dimension, k neighbours, T trained steps, J tasks. Two settings:
 * leave-one-out (``gallery=None``): every item queries all the *other* items of the set;
 * query/gallery. With ``gallery_labels=None`` the gallery is the *same images* as the queries
   (row i of both is image i) embedded by another model, e.g. new queries against an old
-  gallery: query i must not find its own image, so ``exclude_self`` defaults to True. With
-  ``gallery_labels`` the two sets are distinct and ``exclude_self`` defaults to False.
-
-Similarities are computed ``chunk_size`` queries at a time: memory O(chunk_size * M).
+  gallery, so ``exclude_self`` defaults to True; with ``gallery_labels`` the sets are distinct
+  and it defaults to False. Similarities are computed ``chunk_size`` queries at a time.
 """
 
 from __future__ import annotations
@@ -223,13 +221,10 @@ def chance_recall_at_1(labels: Any) -> float:
 def forgetting(R: np.ndarray) -> np.ndarray:
     """Per-task forgetting (Chaudhry et al., 2018, "Riemannian Walk").
 
-    R [T, J]: R[t, j] = metric (e.g. R@1) on task j after training step t; entries with
-    j > t (task not seen yet) are ignored and may be NaN.
-    Returns f [T-1]: for every task j that is not the last trained one,
-        f[j] = max_{t in [j, T-2]} R[t, j] - R[T-1, j],
-    i.e. how far task j fell from its best value before the final step to the final
-    value. Positive = forgotten, negative = improved (backward transfer). The last task
-    has no "before" and is left out, so for the usual square R the shape is [J-1].
+    R [T, J]: R[t, j] = metric (e.g. R@1) on task j after step t; entries j > t (not seen yet)
+    are ignored and may be NaN. Returns f [T-1], f[j] = max_{t in [j, T-2]} R[t, j] - R[T-1, j]:
+    how far task j fell from its best before the final step. Positive = forgotten, negative =
+    improved (backward transfer); the last task has no "before" and is left out.
     """
     R = np.asarray(R, dtype=np.float64)
     require(R.ndim == 2, f"R must be 2-D [num_steps, num_tasks], got shape {R.shape}")

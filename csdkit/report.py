@@ -109,13 +109,11 @@ def t_interval(d: np.ndarray, confidence: float) -> tuple[float, float]:
 def paired_differences(rows: list[dict], pairs: list[tuple[str, str]], metric: str = "pooled_R@1",
                        confidence: float = 0.95, family: int = 1):
     """Per-seed differences a - b of `metric` with a t-interval over seeds (same seed = same
-    data split, class order and first task, so the pairs share their noise).
+    data split, class order and first task, so the pairs share their noise), one line per pair.
 
     `beyond_noise`: the `confidence` interval excludes 0. Among many intervals some exclude 0 by
-    chance alone (about 1 in 20 at 95% when nothing differs), so `beyond_noise_all` applies the
-    Bonferroni correction for a `family` of that many intervals (confidence 1 - 0.05/family):
-    a difference marked there holds even when all the family's intervals are read together.
-    Returns a DataFrame, one line per pair."""
+    chance alone (1 in 20 at 95% when nothing differs), so `beyond_noise_all` applies the
+    Bonferroni correction for a `family` of that many intervals (confidence 1 - 0.05/family)."""
     df = pd.DataFrame(rows)
     out = []
     for a, b in pairs:
@@ -171,13 +169,10 @@ def plot_recall_curves(results: list[RunResult], path: str | Path | None = None)
     import seaborn as sns
 
     long = []
-    for r in results:
-        steps = r.seen_recall
-        if r.method == "joint":  # one point: after all classes
-            long.append({"method": r.method, "task": len(r.increments), "R@1": steps[-1]})
-            continue
-        for t, v in enumerate(steps):
-            long.append({"method": r.method, "task": t + 1, "R@1": v})
+    for r in results:  # joint: one point, after all classes
+        tasks = [len(r.increments)] if r.method == "joint" else range(1, len(r.seen_recall) + 1)
+        long += [{"method": r.method, "task": t, "R@1": v}
+                 for t, v in zip(tasks, r.seen_recall, strict=True)]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     sns.lineplot(pd.DataFrame(long), x="task", y="R@1", hue="method", marker="o",
                  errorbar=("ci", 95), ax=ax)

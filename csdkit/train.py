@@ -13,12 +13,10 @@ and two ablations of CSD (benchmarks/ablate_csd.py): csd_transposed (student anc
 teacher's features: csd_official without its student-student terms) and csd_student (those
 student-student terms alone: SupCon on the student, no teacher features).
 
-The distillation terms need a teacher: the model as it was at the end of the previous task,
-frozen: a copy in eval mode (BatchNorm uses its running statistics and never updates them) run
-under no_grad. The authors' code left its teacher in train mode; we do not copy that.
-
-No checkpoint is ever chosen by a test score: each task keeps its last epoch; test metrics are
-for the report only. Checkpoints, run names and the run cache live in csdkit.runs.
+The teacher is the model as it was at the end of the previous task, frozen: a copy in eval mode
+(BatchNorm uses its running statistics, never updates them) run under no_grad. The authors' code
+left its teacher in train mode; we do not copy that. No checkpoint is chosen by a test score:
+each task keeps its last epoch. Checkpoints and the run cache live in csdkit.runs.
 """
 
 from __future__ import annotations
@@ -183,21 +181,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def speed_options(cfg: Config, device: torch.device) -> tuple[bool, bool, str | None]:
-    """(bf16 autocast, channels_last, torch.compile mode or None) as they apply on `device`.
-
-    True means "on CUDA only", so CPU runs stay plain fp32 (bf16 changes the numbers, and its
-    speed on a CPU depends on bf16 instructions); "always" turns bf16 / channels_last on for any
-    device; compile acts on CUDA only (on a CPU its compile time outweighs any gain). bf16=True
-    stays off on a GPU older than Ampere (e.g. Colab's T4): torch would emulate bf16, slower
-    than fp32. `precision` says which was chosen.
-    """
+    """(bf16 autocast, channels_last, torch.compile mode or None) as they apply on `device`
+    (see Config). bf16=True stays off on a GPU older than Ampere (e.g. Colab's T4): torch would
+    emulate bf16, slower than fp32. compile stays off on a CPU (its compile time outweighs any
+    gain there). `precision` says which arithmetic was chosen."""
     cfg.check()
     cuda = device.type == "cuda"
 
     def on(value: bool | str) -> bool:
         return value == "always" or (value is True and cuda)
 
-    bf16 = on(cfg.bf16) and (cfg.bf16 == "always" or native_bf16(device))
+    native_bf16 = cuda and torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere+
+    bf16 = on(cfg.bf16) and (cfg.bf16 == "always" or native_bf16)
     mode = None
     if cfg.compile and not cuda:
         warnings.warn(f"compile={cfg.compile!r} acts on CUDA only: this run on {device} is not "
@@ -205,11 +200,6 @@ def speed_options(cfg: Config, device: torch.device) -> tuple[bool, bool, str | 
     elif cfg.compile:
         mode = "max-autotune-no-cudagraphs" if cfg.compile is True else cfg.compile
     return bf16, on(cfg.channels_last), mode
-
-
-def native_bf16(device: torch.device) -> bool:
-    """A CUDA device with bf16 arithmetic (Ampere or newer); False for CPUs."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def precision(cfg: Config, device: torch.device) -> str:
@@ -285,11 +275,9 @@ def batch_loss(model: ResNet, teacher: ResNet | None, x: torch.Tensor, y: torch.
 
 
 def _compiled(mode: str | None):
-    """batch_loss, compiled when `mode` says so. Compiled once per task: grow() replaced the
-    classifier's Parameter by a bigger one, so the last task's graphs no longer fit (one
-    recompile per task, by design). reset() drops them, which also keeps a 10-task run under
-    dynamo's recompile limit. dynamic=False: every batch has the same shape (drop_last), which
-    CUDA graphs need anyway."""
+    """batch_loss, compiled when `mode` says so, once per task: grow() replaced the classifier's
+    Parameter, so the last task's graphs no longer fit; reset() drops them (which also keeps a
+    10-task run under dynamo's recompile limit). dynamic=False: every batch has one shape."""
     if mode is None:
         return batch_loss
     torch._dynamo.reset()

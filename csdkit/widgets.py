@@ -11,8 +11,7 @@ query: an old-class query whose neighbours turned into new-class images.
     explorer.query.value = 7; explorer.results["csd"]["ap"]
 
 Two halves: the ranking (`model_features`, `rank_query`: tensors in, plain dicts out) and the
-widget that shows it, as plain state too (`results`, `summary.value`), drawn with matplotlib's
-object API (no pyplot: no stray figure lands in the cell's outputs).
+widget that shows it, drawn with matplotlib's object API (no stray pyplot figure in a cell).
 """
 
 from __future__ import annotations
@@ -46,23 +45,23 @@ def model_features(models: Mapping[str, nn.Module | torch.Tensor | np.ndarray],
                    images: torch.Tensor, mean: Any, std: Any) -> dict[str, torch.Tensor]:
     """name -> float32 CPU features [N, D]: a model's are extracted once, an array is checked."""
     require(isinstance(models, Mapping) and len(models) > 0,
-             "models must be a non-empty dict: display name -> model or features")
+            "models must be a non-empty dict: display name -> model or features")
     out = {}
     for name, m in models.items():
         require(isinstance(name, str) and name != NONE,
-                 f"model names must be strings other than {NONE!r}, got {name!r}")
+                f"model names must be strings other than {NONE!r}, got {name!r}")
         if isinstance(m, nn.Module):
             require(mean is not None and std is not None,
-                     f"model {name!r} needs mean and std to normalise the images")
+                    f"model {name!r} needs mean and std to normalise the images")
             f = extract(m, images, mean, std)[0].cpu()
         else:
             require(isinstance(m, torch.Tensor | np.ndarray),
-                     f"models[{name!r}] must be a model or features [N, D], got "
-                     f"{type(m).__name__}")
+                    f"models[{name!r}] must be a model or features [N, D], got "
+                    f"{type(m).__name__}")
             f = torch.as_tensor(m).detach().cpu().float()
         require(f.ndim == 2 and len(f) == len(images),
-                 f"features of {name!r} have shape {tuple(f.shape)}; expected "
-                 f"[{len(images)}, D], one row per image")
+                f"features of {name!r} have shape {tuple(f.shape)}; expected "
+                f"[{len(images)}, D], one row per image")
         out[name] = f
     return out
 
@@ -114,10 +113,9 @@ class RetrievalExplorer:
     normalisation (None if every entry is features); k: neighbours shown (1..10); query,
     model_a, model_b: the initial selection (model_b: the second model, or "none" if only one).
 
-    Widgets, each with a stable description and a CSS class for browser tests: query
-    (IntSlider, csd-query), query_class (Dropdown, csd-class), model_a, model_b (Dropdowns,
-    csd-model-a, csd-model-b), k (IntSlider, csd-k), summary (HTML, csd-summary), image
-    (Image, csd-results); `widget` is the whole VBox.
+    Widgets (CSS class for browser tests): query (csd-query), query_class (csd-class), model_a,
+    model_b (csd-model-a, csd-model-b), k (csd-k), summary (csd-summary), image (csd-results);
+    `widget` is the whole VBox.
     """
 
     def __init__(
@@ -189,7 +187,7 @@ class RetrievalExplorer:
         query_class, not both.
         """
         require(query is None or query_class is None,
-                 "give query or query_class, not both (query_class picks a query)")
+                "give query or query_class, not both (query_class picks a query)")
         if query_class is not None:
             _check_in("query_class", query_class, list(self.first_of_class))
             query = self.first_of_class[query_class]
@@ -307,8 +305,7 @@ def _summary_html(results: dict, q: int, k: int, labels: torch.Tensor, names: li
 
 def _show(ax: Any, image: np.ndarray, title: str, colour: str) -> None:
     ax.imshow(image, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
     ax.set_title(title, fontsize=8, color=colour)
     for spine in ax.spines.values():  # the coloured frame says right (green) or wrong (red)
         spine.set_edgecolor(colour)
@@ -323,7 +320,7 @@ def _check_in(what: str, value: Any, choices: list | range) -> None:
     if isinstance(choices, range):
         ok = isinstance(value, int | np.integer) and not isinstance(value, bool)
         require(ok and choices.start <= value < choices.stop, f"{what} must be an integer in "
-                 f"[{choices.start}, {choices.stop - 1}], got {value!r}")
+                f"[{choices.start}, {choices.stop - 1}], got {value!r}")
     else:
         require(value in choices, f"unknown {what} {value!r}; choose one of {choices}")
 
@@ -331,17 +328,16 @@ def _check_in(what: str, value: Any, choices: list | range) -> None:
 def _check_data(images: Any, labels: Any, class_names: list[str]):
     """images as a CPU tensor, labels as a long tensor [N], class_names as a list."""
     require(isinstance(images, torch.Tensor) and images.dtype == torch.uint8
-             and images.ndim == 4 and images.shape[1] == 3,
-             "images must be a uint8 tensor [N, 3, H, W], got "
-             f"{tuple(images.shape) if hasattr(images, 'shape') else type(images).__name__}")
-    if isinstance(labels, torch.Tensor):
-        labels = labels.cpu()
+            and images.ndim == 4 and images.shape[1] == 3,
+            "images must be a uint8 tensor [N, 3, H, W], got "
+            f"{tuple(images.shape) if hasattr(images, 'shape') else type(images).__name__}")
+    labels = labels.cpu() if isinstance(labels, torch.Tensor) else labels
     labels, class_names = torch.as_tensor(np.asarray(labels)).long(), list(class_names)
     require(labels.ndim == 1 and len(labels) == len(images),
-             f"labels must be [N] with N = {len(images)} (one per image), got shape "
-             f"{tuple(labels.shape)}")
+            f"labels must be [N] with N = {len(images)} (one per image), got shape "
+            f"{tuple(labels.shape)}")
     require(len(labels) >= 2, "leave-one-out retrieval needs at least 2 images")
     require(0 <= labels.min() and labels.max() < len(class_names),
-             f"labels must index class_names (0..{len(class_names) - 1}), got "
-             f"range [{int(labels.min())}, {int(labels.max())}]")
+            f"labels must index class_names (0..{len(class_names) - 1}), got "
+            f"range [{int(labels.min())}, {int(labels.max())}]")
     return images.cpu(), labels, class_names
