@@ -13,6 +13,7 @@ Oracles used:
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import urllib.error
 from collections import Counter
@@ -93,6 +94,22 @@ def _write_cifar100(root: Path, monkeypatch, train_per_class=5, test_per_class=2
     monkeypatch.setattr(cls, "test_list", [["test", md5_test]])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5_meta})
     return xtr, np.array(ytr), xte, np.array(yte), names
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper-short"])
+def test_paper_presets_train_on_generated_cifar100(tmp_path, monkeypatch, preset):
+    """`csdkit run --preset paper[-short]` end to end on CIFAR-100 files in torchvision's format
+    (the CPU path of what a GPU runs; one epoch a task instead of 800 or 50)."""
+    from csdkit.cli import main
+
+    _write_cifar100(tmp_path, monkeypatch, train_per_class=2, test_per_class=2)
+    out = tmp_path / "run"
+    main(["run", "--preset", preset, "--method", "csd_official", "--data-root", str(tmp_path),
+          "--epochs", "1", "--device", "cpu", "--out", str(out), "--quiet"])
+    r = json.loads((out / "result.json").read_text())
+    assert r["identity"]["depth"] == 32 and r["increments"] == [50, 50]
+    assert r["class_order"] == list(range(100))  # natural order, as the authors
+    assert len(r["recall"]) == 2 and all(0 <= v <= 1 for v in r["recall"][-1])
 
 
 def _write_cifar10(root: Path, monkeypatch, per_class_per_batch=2, seed=1):

@@ -41,6 +41,9 @@ def test_presets_follow_the_reference_protocol():
     assert p.crop_pad == 4 and p.flip
     assert p.class_order == "natural"  # the authors' order (Avalanche sorts the class ids)
     assert PRESETS["quick"].dataset == "digits"
+    short = PRESETS["paper-short"]  # the paper's schedule / 16, nothing else changed
+    assert (short.epochs, short.milestones) == (50, (12, 25, 38))
+    assert short.replace(epochs=800, milestones=(200, 400, 600)) == p
 
 
 @pytest.mark.parametrize("method", list(METHODS))
