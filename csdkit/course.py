@@ -5,8 +5,7 @@
     runs = c.runs(["finetune", "fd"])        # {method: [RunResult per seed]}, cached
     course.claim("fine-tuning forgets", drop >= 0.10, drop=drop)
 
-Runs train in worker processes, one torch thread each (so their last digits never depend on
-how many run at once), and are cached under runs/cache/ (csdkit.runs).
+Runs train in worker processes, one torch thread each, and are cached (csdkit.runs).
 """
 
 from __future__ import annotations

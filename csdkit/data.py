@@ -1,8 +1,7 @@
 """Data: datasets as uint8 image tensors, class-incremental task splits, batch augmentation.
 
-Every dataset becomes `ImageSet`s of uint8 images [N, 3, H, W] and int64 labels [N] (train,
-val, test) with per-channel mean/std. Whole datasets as tensors (CIFAR-100's training images
-are 150 MB) let augmentation run on batches, on the CPU or the GPU, with no DataLoader.
+Every dataset becomes `ImageSet`s (train, val, test) of uint8 images [N, 3, H, W] and int64
+labels [N]: whole datasets as tensors (CIFAR-100's are 150 MB) augmented on batches, no DataLoader.
 
 Datasets:
 - `digits`   scikit-learn's bundled handwritten digits (8x8, 10 classes), the offline default.
@@ -10,9 +9,9 @@ Datasets:
 - `cifar10`, `cifar100`  through torchvision, downloaded into `root` (default `data/`).
 - `imagefolder`  your own folder of class sub-folders (`path/train/<class>/*`, `path/test/...`).
 
-Class-incremental learning: `make_split` orders the classes and cuts them into tasks; datasets
-are relabelled so that label = position in the class order, hence task t owns the contiguous
-labels [offsets[t], offsets[t+1]) and a model's first n logits are "the classes seen so far".
+`make_split` orders the classes and cuts them into tasks; datasets are relabelled so that label =
+position in the class order: task t owns labels [offsets[t], offsets[t+1]) and a model's first n
+logits are "the classes seen so far".
 """
 
 from __future__ import annotations

@@ -149,9 +149,8 @@ def recall_at_k(features: ArrayLike, labels: Any, k: int = 1, *, gallery: ArrayL
     features [N, D], labels [N]; gallery [M, D], gallery_labels [M] optional (see the
     module docstring for leave-one-out vs query/gallery and the exclude_self defaults).
     """
-    q, q_labels, g, g_labels, exclude_self = _sets(
-        features, labels, gallery, gallery_labels, exclude_self
-    )
+    q, q_labels, g, g_labels, exclude_self = _sets(features, labels, gallery, gallery_labels,
+                                                   exclude_self)
     _check_search(len(q), len(g), exclude_self, k, chunk_size)
     _, idx = _topk(q, g, int(k), exclude_self, int(chunk_size))  # [N, k]
     hits = (g_labels[idx] == q_labels[:, None]).any(dim=1)  # [N]
@@ -161,19 +160,15 @@ def recall_at_k(features: ArrayLike, labels: Any, k: int = 1, *, gallery: ArrayL
 def mean_average_precision(features: ArrayLike, labels: Any, *, gallery: ArrayLike | None = None,
                            gallery_labels: Any = None, exclude_self: bool | None = None,
                            chunk_size: int = 1024) -> float:
-    """mAP over the full cosine ranking of the gallery.
+    """mAP over the full cosine ranking of the gallery. features [N, D], labels [N]; gallery
+    [M, D], gallery_labels [M] optional (the conventions of `recall_at_k`).
 
-    AP of a query = mean, over its positives (same-label gallery items, own row excluded),
-    of the precision at that positive's rank. Queries with no positive have no defined AP
-    and are skipped; the result is the mean AP of the others. Exactly tied similarities are
-    ordered arbitrarily (sklearn's average_precision_score instead pools ties).
-
-    features [N, D], labels [N]; gallery [M, D], gallery_labels [M] optional (same
-    conventions as `recall_at_k`).
-    """
-    q, q_labels, g, g_labels, exclude_self = _sets(
-        features, labels, gallery, gallery_labels, exclude_self
-    )
+    AP of a query = mean, over its positives (same-label gallery items, own row excluded), of
+    the precision at that positive's rank. Queries with no positive have no AP and are skipped.
+    Exactly tied similarities are ordered arbitrarily (sklearn's average_precision_score instead
+    pools ties)."""
+    q, q_labels, g, g_labels, exclude_self = _sets(features, labels, gallery, gallery_labels,
+                                                   exclude_self)
     _check_search(len(q), len(g), exclude_self, None, chunk_size)
 
     ap_sum, num_valid = 0.0, 0

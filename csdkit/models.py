@@ -1,9 +1,8 @@
 """The model: a CIFAR-style ResNet feature extractor and a growing cosine classifier.
 
 ResNet-(6n+2) as in He et al. 2016, section 4.2: three stages of n basic blocks with 16/32/64
-channels, "option A" shortcuts (stride-2 subsampling plus zero-padded channels, so the shortcut
-has no parameters), global average pooling to a 64-d feature. Depth 32 (n=5) is the paper's
-model; the small depths (8, 14, 20) keep CPU runs short.
+channels, parameter-free "option A" shortcuts (stride-2 subsampling, zero-padded channels),
+global average pooling to a 64-d feature. ResNet-32 is the paper's; 8 keeps CPU runs short.
 
 The classifier has no bias and L2-normalises its weight rows at every forward, so a logit is
 |f| cos(f, w_c): the class direction alone decides, which suits a model that is also used for

@@ -65,20 +65,24 @@ def compare(base: Config, arms: dict[str, tuple[str, dict]], seeds: list[int],
 def reference_rows(cfg: Config, seeds: list[int]) -> list[dict]:
     """Two rows a reader should see beside trained models: raw pixels (cosine R@1 on the
     pixels) and an untrained network (random ResNet features), on each seed's test images,
-    task split and class order."""
+    task split and class order. "seen_recall" [T]: R@1 on the test images of the classes seen
+    after each task, as the pooled curve measures it; "seen_chance" [T]: chance R@1 there."""
     rows = []
     for seed in seeds:
         data, split = prepare(cfg.replace(seed=seed))
         torch.manual_seed(seed)
         net = resnet(cfg.depth, data.n_classes)
+        y = data.test.labels
+        task = torch.as_tensor(split.task_of_label())[y]
+        seen = [y < split.seen(t) for t in range(split.n_tasks)]
         for name, feats in [("raw pixels", data.test.images.flatten(1).float()),
                             ("untrained net", extract(net, data.test.images, data.mean,
                                                       data.std)[0])]:
-            y = data.test.labels
-            task = torch.as_tensor(split.task_of_label())[y]
             per_task = [recall_at_k(feats[task == j], y[task == j]) for j in range(split.n_tasks)]
             rows.append({"method": name, "seed": seed, "task_avg_R@1": float(np.mean(per_task)),
-                         "pooled_R@1": recall_at_k(feats, y), "first_task_R@1": per_task[0]})
+                         "pooled_R@1": recall_at_k(feats, y), "first_task_R@1": per_task[0],
+                         "seen_recall": [recall_at_k(feats[m], y[m]) for m in seen],
+                         "seen_chance": [metrics.chance_recall_at_1(y[m]) for m in seen]})
     return rows
 
 
@@ -162,9 +166,11 @@ def plot_task_matrices(results: list[RunResult], path: str | Path | None = None)
     return fig
 
 
-def plot_recall_curves(results: list[RunResult], path: str | Path | None = None):
+def plot_recall_curves(results: list[RunResult], path: str | Path | None = None,
+                       references: list[dict] = ()):
     """R@1 pooled over all seen classes after each task: the mean over seeds, and a band that is
-    seaborn's 95% bootstrap interval of that mean (not the paired t-interval of the tables)."""
+    seaborn's 95% bootstrap interval of that mean (not the paired t-interval of the tables).
+    references: `reference_rows`, drawn as grey lines (their mean over seeds), chance too."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -173,11 +179,20 @@ def plot_recall_curves(results: list[RunResult], path: str | Path | None = None)
         tasks = [len(r.increments)] if r.method == "joint" else range(1, len(r.seen_recall) + 1)
         long += [{"method": r.method, "task": t, "R@1": v}
                  for t, v in zip(tasks, r.seen_recall, strict=True)]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     sns.lineplot(pd.DataFrame(long), x="task", y="R@1", hue="method", marker="o",
                  errorbar=("ci", 95), ax=ax)
+    grey = {"raw pixels": ("raw pixels", "seen_recall", "--"),  # label: (row, key, line style)
+            "untrained net": ("untrained net", "seen_recall", "-."),
+            "chance": ("raw pixels", "seen_chance", ":")}
+    for label, (method, key, dash) in grey.items():
+        curves = [r[key] for r in references if r["method"] == method]
+        if curves:
+            ax.plot(range(1, len(curves[0]) + 1), np.mean(curves, 0), dash, color="0.35",
+                    label=label)
     ax.set(xlabel="after training task", ylabel="R@1 on all seen classes",
            title="mean over seeds; band: 95% bootstrap interval")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside, not over
     ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     if path is not None:

@@ -108,9 +108,8 @@ class Config:
     # "always": on any device, CPU included (how the tests check the fast path); False: off.
     bf16: bool | str = True  # bf16 autocast of the forward passes (losses stay fp32)
     channels_last: bool | str = True  # NHWC memory format: what tensor cores want for convs
-    # CUDA only. torch.compile of the per-batch loss (student + teacher forwards and losses).
-    # True: mode "max-autotune-no-cudagraphs"; or one of COMPILE_MODES ("reduce-overhead" adds
-    # CUDA graphs: fine, the batches are static-shaped); False: off.
+    # CUDA only: torch.compile of the per-batch loss. True: "max-autotune-no-cudagraphs"; or one
+    # of COMPILE_MODES ("reduce-overhead" adds CUDA graphs: fine, batches are static); False: off.
     compile: bool | str = False
 
     def replace(self, **changes) -> Config:  # a copy with `changes`
@@ -378,11 +377,10 @@ class RunResult:
 
     def add(self, m: dict, seconds: float) -> None:
         """Append one task's metrics (from `evaluate`)."""
-        for name, key in [("recall", "row"), ("seen_recall", "seen_recall"),
-                          ("seen_map", "seen_map"), ("accuracy", "accuracy"),
-                          ("old_accuracy", "old_accuracy"), ("val_recall", "val_row"),
-                          ("val_seen_recall", "val_seen_recall")]:
-            getattr(self, name).append(m[key])
+        saved_as = {"recall": "row", "val_recall": "val_row"}  # evaluate's (and checkpoints') keys
+        for name in ("recall", "seen_recall", "seen_map", "accuracy", "old_accuracy",
+                     "val_recall", "val_seen_recall"):
+            getattr(self, name).append(m[saved_as.get(name, name)])
         self.seconds.append(seconds)
 
     @property

@@ -68,11 +68,9 @@ def model_features(models: Mapping[str, nn.Module | torch.Tensor | np.ndarray],
 
 def rank_query(features: torch.Tensor, labels: torch.Tensor, query: int, k: int) -> dict:
     """Top-k of image `query` among all the others: one row of the leave-one-out evaluation.
-
     features [N, D], labels [N]. Returns plain lists (indices, labels, scores: cosines to 6
     digits, correct) of the top k, recall_at_1, ap (what metrics.mean_average_precision averages
-    over queries; nan if the query is alone in its class), margin and first_hit_rank.
-    """
+    over queries; nan if the query is alone in its class), margin and first_hit_rank."""
     f, y = features, labels
     others = torch.cat([torch.arange(query), torch.arange(query + 1, len(y))])
     scores, idx = metrics.retrieve(f[query : query + 1], f[others], k)  # [1, k] each
@@ -166,14 +164,11 @@ class RetrievalExplorer:
         a, b = self.model_a.value, self.model_b.value
         return [a] if b in (NONE, a) else [a, b]
 
-    def query_result(self, name: str, query: int, k: int) -> dict:
-        """`rank_query` for model `name`: top-k of `query` among the other images, R@1, AP."""
-        return rank_query(self.features[name], self.labels, query, k)
-
     def refresh(self) -> None:
         """Recompute `results`, the summary and the image for the current widget values."""
         q, k = self.query.value, self.k.value
-        self.results = {name: self.query_result(name, q, k) for name in self.shown_models}
+        self.results = {m: rank_query(self.features[m], self.labels, q, k)
+                        for m in self.shown_models}
         self.summary.value = _summary_html(self.results, q, k, self.labels, self.class_names)
         self.image.value = self.render_png()
 

@@ -117,6 +117,35 @@ def test_reference_rows_are_raw_pixels_and_an_untrained_net_on_each_seeds_split(
     assert raw[0]["first_task_R@1"] != raw[1]["first_task_R@1"]
 
 
+def test_reference_curves_against_sklearn_neighbours_and_a_counted_chance():
+    """Raw-pixel R@1 after each task on the seen classes' test images, by scikit-learn's
+    brute-force cosine neighbours; chance by counting same-class pairs; both on the plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sklearn.neighbors import NearestNeighbors
+
+    from csdkit.report import plot_recall_curves, reference_rows
+    from csdkit.train import prepare, preset, run
+
+    cfg = preset("quick").replace(class_order="seed", n_tasks=2, epochs=1)
+    raw = [r for r in reference_rows(cfg, [3]) if r["method"] == "raw pixels"][0]
+    data, _ = prepare(cfg.replace(seed=3))
+    for t in range(2):
+        seen = data.test.labels < 5 * (t + 1)  # 5 classes a task, labels in class order
+        labels, x = data.test.labels[seen].numpy(), data.test.images[seen].flatten(1).numpy()
+        nn = NearestNeighbors(n_neighbors=2, metric="cosine", algorithm="brute").fit(x)
+        hit = labels[nn.kneighbors(x)[1][:, 1]] == labels
+        same = sum((labels == c).sum() * ((labels == c).sum() - 1) for c in set(labels))
+        assert raw["seen_recall"][t] == pytest.approx(hit.mean(), abs=2 / len(labels))  # ties
+        assert raw["seen_chance"][t] == pytest.approx(same / (len(labels) * (len(labels) - 1)))
+    assert raw["seen_recall"][-1] == raw["pooled_R@1"]  # after the last task: every class
+    fig = plot_recall_curves([run(cfg.replace(seed=3), "finetune", quiet=True)],
+                             references=reference_rows(cfg, [3]))
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert {"finetune", "raw pixels", "untrained net", "chance"} <= set(labels)
+
+
 def test_run_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
     from csdkit import cli
 
