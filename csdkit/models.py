@@ -72,13 +72,51 @@ class CosineClassifier(nn.Module):
         self.weight = nn.Parameter(torch.cat([self.weight.detach(), new_rows.to(self.weight)]))
 
 
-class ResNet(nn.Module):
-    """CIFAR ResNet: images [B, 3, H, W] (normalised) -> (logits [B, C], features [B, 64])."""
+def simplex_vertices(k: int) -> torch.Tensor:
+    """The K vertices of a regular simplex centred at 0, as unit rows [K, K-1]: every pair at
+    cosine -1/(K-1), so W W^T = K/(K-1) I - 1/(K-1) 1 1^T (Pernici et al., ICPR 2020). Built
+    from the basis e_1..e_{K-1} and a last vertex a 1 with a = (1 - sqrt(K)) / (K-1), the value
+    that puts it at distance sqrt(2) from the others, then centred: closed form, no randomness."""
+    require(k >= 2, f"a simplex classifier needs at least 2 classes, got {k}")
+    d = k - 1
+    v = torch.cat([torch.eye(d, dtype=torch.float64),
+                   torch.full((1, d), (1 - k**0.5) / d, dtype=torch.float64)])
+    return F.normalize(v - v.mean(0), dim=1).float()
 
-    def __init__(self, depth: int = 32, n_classes: int = 10):
+
+class SimplexClassifier(nn.Module):
+    """A fixed classifier: logits = features @ W^T with W the simplex's K vertices [K, K-1], one
+    row per class of the dataset from task 1 on. W is a buffer, so no optimiser or weight decay
+    ever touches it; the features learn to point at their class's vertex. features [B, K-1]."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.register_buffer("weight", simplex_vertices(n_classes))
+
+    @property
+    def n_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.weight.t()
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet: images [B, 3, H, W] (normalised) -> (logits [B, C], features [B, 64]).
+
+    simplex=True: a SimplexClassifier for all `n_classes` classes, fed by a learnable linear map
+    from the 64-d pooled feature to the simplex's K-1 dimensions; that map's output is the
+    retrieval feature [B, K-1]."""
+
+    def __init__(self, depth: int = 32, n_classes: int = 10, simplex: bool = False):
         super().__init__()
         require(depth >= 8 and (depth - 2) % 6 == 0,
                 f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, ...), got {depth}")
+        # The K vertices span K-1 dimensions, but a linear map of a 64-d feature spans at most 64:
+        # beyond that the features cannot keep the simplex's equal angles.
+        require(not simplex or n_classes - 1 <= 64, f"a simplex classifier for {n_classes} "
+                f"classes needs {n_classes - 1}-d features, but the ResNet gives 64: use it on "
+                "at most 65 classes (digits, glyphs, CIFAR-10), or a cosine classifier")
         n = (depth - 2) // 6
         self.depth = depth
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
@@ -89,8 +127,10 @@ class ResNet(nn.Module):
                 blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.blocks = nn.Sequential(*blocks)
-        self.feature_dim = 64
-        self.classifier = CosineClassifier(self.feature_dim, n_classes)
+        self.simplex, self.feature_dim = simplex, n_classes - 1 if simplex else 64
+        self.project = nn.Linear(64, n_classes - 1) if simplex else nn.Identity()
+        self.classifier = SimplexClassifier(n_classes) if simplex else CosineClassifier(64,
+                                                                                        n_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -105,12 +145,12 @@ class ResNet(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.embed(x)
+        features = self.project(self.embed(x))
         return self.classifier(features), features
 
 
-def resnet(depth: int = 32, n_classes: int = 10) -> ResNet:  # the constructor, by name
-    return ResNet(depth=depth, n_classes=n_classes)
+def resnet(depth: int = 32, n_classes: int = 10, simplex: bool = False) -> ResNet:  # by name
+    return ResNet(depth=depth, n_classes=n_classes, simplex=simplex)
 
 
 def count_parameters(model: nn.Module) -> int:

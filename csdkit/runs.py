@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 #: Settings that act only from the second task on: runs that differ only in these (and in the
 #: method, joint aside) train the same first task, so `run_grid` trains it once for all.
-LATER_TASKS_ONLY = ("method", "lr_later", "w_kd", "w_fd", "w_csd", "kd_temperature",
+LATER_TASKS_ONLY = ("method", "lr_later", "w_kd", "w_fd", "w_csd", "w_bct", "kd_temperature",
                     "csd_temperature")
 
 
@@ -61,9 +61,13 @@ def first_task_config(cfg: Config) -> Config:
     return cfg.replace(**{k: getattr(defaults, k) for k in LATER_TASKS_ONLY if k != "method"})
 
 
-def first_name(cfg: Config, data: Dataset) -> str:  # the folder of a shared first task
+def first_method(method: str) -> str:  # what trains a method's shared first task
+    return "simplex" if "simplex" in method.split("+") else "finetune"
+
+
+def first_name(cfg: Config, data: Dataset, method: str = "finetune") -> str:  # its folder
     return f"{cfg.dataset}-first-seed{cfg.seed}-" \
-           f"{run_id(run_identity(first_task_config(cfg), 'finetune', data))}"
+           f"{run_id(run_identity(first_task_config(cfg), first_method(method), data))}"
 
 
 def cpu_name() -> str:  # the CPU's model name (Linux), else what the platform says
@@ -158,12 +162,14 @@ def load_checkpoint(path: str | Path, model: ResNet | None = None) -> tuple[ResN
                k not in ckpt]
     require(not missing, f"{path} is not a csdkit checkpoint (no {', '.join(map(repr, missing))} "
             "entries); csdkit writes them with save_checkpoint or `csdkit run`")
-    depth, n_classes = int(ckpt["depth"]), int(ckpt["n_classes"])
-    model = resnet(depth, n_classes) if model is None else model
-    require(model.depth == depth and model.n_classes == n_classes, f"{path} holds a ResNet-"
-            f"{depth} with {n_classes} classes, but the model given is a ResNet-{model.depth} "
-            f"with {model.n_classes} classes; build the model with resnet({depth}, {n_classes}) "
-            "or call load_checkpoint(path) without a model")
+    depth, n_classes, simplex = int(ckpt["depth"]), int(ckpt["n_classes"]), ckpt.get("simplex")
+    simplex = bool(simplex)  # checkpoints from before the simplex classifier have none
+    model = resnet(depth, n_classes, simplex) if model is None else model
+    require((model.depth, model.n_classes, model.simplex) == (depth, n_classes, simplex),
+            f"{path} holds a ResNet-{depth} with {n_classes} classes (simplex={simplex}), but the "
+            f"model given is a ResNet-{model.depth} with {model.n_classes} (simplex="
+            f"{model.simplex}); build it with resnet({depth}, {n_classes}, simplex={simplex}) or "
+            "call load_checkpoint(path) without a model")
     model.load_state_dict(ckpt["model"])
     return model, {k: v for k, v in ckpt.items() if k != "model"}
 
@@ -236,15 +242,16 @@ def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 
     data = {repr(cfg): prepare(cfg) for cfg in {repr(c): c for c, _ in runs}.values()}
     plans = [{"cfg": cfg, "method": method, "quiet": True,
               "out_dir": folder / run_name(cfg, method, data[repr(cfg)][0]),
-              "first": folder / first_name(cfg, data[repr(cfg)][0])} for cfg, method in runs]
+              "first": folder / first_name(cfg, data[repr(cfg)][0], method)}
+             for cfg, method in runs]
     todo = [p for p in plans if not (p["out_dir"] / "result.json").exists() or first_only]
-    firsts = {p["first"]: first_task_config(p["cfg"]) for p in todo if p["method"] != "joint"}
-    first_job = {"method": "finetune", "last_task": 0, "quiet": True}
-    _run_parallel([{"cfg": cfg, "out_dir": path, **first_job} for path, cfg in firsts.items()
+    firsts = {p["first"]: {"cfg": first_task_config(p["cfg"]), "method": first_method(p["method"]),
+                           "last_task": 0, "quiet": True} for p in todo if p["method"] != "joint"}
+    _run_parallel([{**job, "out_dir": path} for path, job in firsts.items()
                    if not (path / "task0.pt").exists()], workers)
     if first_only:
-        return [run(first_task_config(p["cfg"]), out_dir=p["first"], data=data[repr(p["cfg"])],
-                    **first_job) for p in plans]
+        return [run(**firsts[p["first"]], out_dir=p["first"], data=data[repr(p["cfg"])])
+                for p in plans]
     _run_parallel([{k: v for k, v in p.items() if k != "first"} |
                    ({} if p["method"] == "joint" else {"first_task": p["first"] / "task0.pt"})
                    for p in todo], workers)

@@ -46,7 +46,7 @@ from csdkit.data import (
     make_split,
     normalize,
 )
-from csdkit.models import ResNet, extract, progress_bar, resnet
+from csdkit.models import CosineClassifier, ResNet, extract, progress_bar, resnet
 from csdkit.runs import machine, resume, run_identity, save_checkpoint, write_json
 
 METHODS = {
@@ -58,6 +58,8 @@ METHODS = {
     "csd_transposed": ("ce", "triplet", "kd", "csd"),
     "csd_student": ("ce", "triplet", "kd", "csd"),
     "joint": ("ce", "triplet"),
+    "bct": ("ce", "triplet", "bct"),  # BCT's influence loss (Shen et al., CVPR 2020)
+    "simplex": ("ce", "triplet"),  # with a fixed simplex classifier (models.SimplexClassifier)
 }
 #: Which form of csdkit.losses.csd_loss each CSD method trains with.
 CSD_VARIANT = {"csd": "paper", "csd_official": "official", "csd_transposed": "transposed",
@@ -66,8 +68,24 @@ CSD_VARIANT = {"csd": "paper", "csd_official": "official", "csd_transposed": "tr
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def uses_teacher(method: str) -> bool:  # only then is a teacher built and run
-    return any(term in METHODS[method] for term in ("kd", "fd", "csd"))
+def method_terms(method: str) -> tuple[str, ...]:
+    """The loss terms of `method`: a METHODS name, or "simplex" and/or "bct" joined to one with
+    "+" (e.g. "simplex+fd": FD's terms with a simplex classifier; "bct+csd_official")."""
+    parts = method.split("+")
+    require(all(p in METHODS for p in parts) and len(set(parts)) == len(parts) and
+            sum(p not in ("simplex", "bct") for p in parts) <= 1 and
+            ("joint" not in parts or len(parts) == 1),
+            f"unknown method {method!r}: choose one of {', '.join(METHODS)}, or join simplex "
+            "and/or bct to one of them with '+' (e.g. simplex+fd)")
+    return tuple(dict.fromkeys(t for p in parts for t in METHODS[p]))
+
+
+def uses_teacher(method: str) -> bool:  # only then is a teacher built (bct: for its rows)
+    return any(term in method_terms(method) for term in ("kd", "fd", "csd", "bct"))
+
+
+def uses_simplex(method: str) -> bool:
+    return "simplex" in method.split("+")
 
 
 @dataclass
@@ -99,6 +117,7 @@ class Config:
     w_kd: float = 1.0
     w_fd: float = 1.0
     w_csd: float = 1.0
+    w_bct: float = 1.0
     triplet_margin: float = 1.0
     kd_temperature: float = 2.0
     csd_temperature: float = 0.07
@@ -231,16 +250,18 @@ def make_cuda_deterministic() -> None:
 
 def loss_terms(method: str, cfg: Config, logits: torch.Tensor, features: torch.Tensor,
                labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-               teacher_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+               teacher_features: torch.Tensor | None, influence_logits: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
     """The method's loss terms for one batch, unweighted. Shapes: logits [B, C_seen],
-    features [B, D], labels [B]; teacher outputs [B, C_old] and [B, D] or None on task 1."""
+    features [B, D], labels [B]; teacher outputs [B, C_old] and [B, D] or None on task 1;
+    influence_logits [B, C_seen]: the student's features through BCT's old classifier."""
     terms = {
         "ce": F.cross_entropy(logits, labels),
         "triplet": losses.triplet_loss(features, labels, margin=cfg.triplet_margin),
     }
     if teacher_logits is None:
         return terms
-    wanted = METHODS[method]
+    wanted = method_terms(method)
     if "kd" in wanted:
         old = teacher_logits.shape[1]  # KD on the old classes only
         terms["kd"] = losses.kd_loss(logits[:, :old], teacher_logits, T=cfg.kd_temperature)
@@ -249,17 +270,21 @@ def loss_terms(method: str, cfg: Config, logits: torch.Tensor, features: torch.T
     if "csd" in wanted:
         terms["csd"] = losses.csd_loss(features, teacher_features, labels,
                                        temperature=cfg.csd_temperature,
-                                       variant=CSD_VARIANT[method])
+                                       variant=next(CSD_VARIANT[p] for p in method.split("+")
+                                                    if p in CSD_VARIANT))
+    if "bct" in wanted:  # BCT, Eq. 3: the new features must suit the old classifier
+        terms["bct"] = F.cross_entropy(influence_logits, labels)
     return terms
 
 
 def batch_loss(model: ResNet, teacher: ResNet | None, x: torch.Tensor, y: torch.Tensor,
-               method: str, cfg: Config, bf16: bool = False
+               method: str, cfg: Config, bf16: bool = False,
+               influence: CosineClassifier | None = None
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One batch: the student forward (with grad), the frozen teacher's forward (no grad) and the
     method's loss terms. Returns (weighted loss, unweighted terms). x: normalised images
-    [B, 3, H, W], y: labels [B]; bf16: autocast the forwards to bf16 on x's device. This is the
-    function `train_task` compiles."""
+    [B, 3, H, W], y: labels [B]; bf16: autocast the forwards to bf16 on x's device; influence:
+    BCT's frozen old classifier. This is the function `train_task` compiles."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits, features = model(x)
         t_logits = t_features = None
@@ -269,9 +294,10 @@ def batch_loss(model: ResNet, teacher: ResNet | None, x: torch.Tensor, y: torch.
     # Losses in fp32: normalisations and softmaxes at temperature 0.07 need the precision.
     terms = loss_terms(method, cfg, logits.float(), features.float(), y,
                        None if t_logits is None else t_logits.float(),
-                       None if t_features is None else t_features.float())
+                       None if t_features is None else t_features.float(),
+                       None if influence is None else influence(features.float()))
     weights = {"ce": cfg.w_ce, "triplet": cfg.w_triplet, "kd": cfg.w_kd, "fd": cfg.w_fd,
-               "csd": cfg.w_csd}
+               "csd": cfg.w_csd, "bct": cfg.w_bct}
     loss = sum(weights[k] * v for k, v in terms.items())
     return loss, terms  # type: ignore[return-value]
 
@@ -287,13 +313,16 @@ def _compiled(mode: str | None):
 
 
 def train_task(model: ResNet, teacher: ResNet | None, train: ImageSet, cfg: Config, method: str,
-               mean, std, lr: float, epochs: int, seed: int, quiet: bool = False, desc: str = ""
-               ) -> list[dict[str, float]]:
+               mean, std, lr: float, epochs: int, seed: int, quiet: bool = False, desc: str = "",
+               influence: CosineClassifier | None = None) -> list[dict[str, float]]:
     """Train `model` in place on one task's images with `method`; returns per-epoch mean losses.
 
     `train` holds only the current task's images (no exemplars of old classes). The images move
     to the model's device once, as uint8; crops, flips and normalisation run there per batch.
+    influence: BCT's old classifier (see `influence_classifier`), for methods with "bct".
     """
+    if not any(t in method_terms(method) for t in ("kd", "fd", "csd")):
+        teacher = None  # bct alone needs no teacher forward per batch
     device = next(model.parameters()).device
     bf16, channels_last, compile_mode = speed_options(cfg, device)
     g = torch.Generator(device=device).manual_seed(seed)  # randperm and augment draw on-device
@@ -329,7 +358,7 @@ def train_task(model: ResNet, teacher: ResNet | None, train: ImageSet, cfg: Conf
                 x = x.contiguous(memory_format=torch.channels_last)
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: replay, not reuse
-            loss, terms = step_loss(model, teacher, x, labels[idx], method, cfg, bf16)
+            loss, terms = step_loss(model, teacher, x, labels[idx], method, cfg, bf16, influence)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -349,6 +378,20 @@ def train_task(model: ResNet, teacher: ResNet | None, train: ImageSet, cfg: Conf
                 "in fp32 (--no-bf16); nothing of this task was saved."
             )
     return history
+
+
+@torch.no_grad()
+def influence_classifier(teacher: ResNet, train: ImageSet, mean, std) -> CosineClassifier:
+    """BCT's old classifier for a new task (Shen et al., CVPR 2020): the teacher's rows for the
+    old classes and, for each of the task's new classes, the teacher's mean feature of its
+    training images (synthesised once per task); frozen. Labels are in class order, so the new
+    classes follow the old rows."""
+    feats, _ = extract(teacher, train.images, mean, std)
+    labels = train.labels.to(feats.device)
+    rows = torch.stack([feats[labels == c].mean(0) for c in labels.unique()])
+    head = copy.deepcopy(teacher.classifier)
+    head.weight = torch.nn.Parameter(torch.cat([head.weight, rows]))
+    return head.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,7 +516,7 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
     (every method but joint trains the first task identically, so one serves them all).
     last_task: stop after this task (0-based); a later call without it resumes from there.
     """
-    require(method in METHODS, f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    method_terms(method)  # a clear error for an unknown method
     cfg.check()
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -492,30 +535,40 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
     result = RunResult(method, identity, split.class_order, split.increments, **trained_on)
     first_test, first_features = data.test.of_classes(split.classes(0)), []
     torch.manual_seed(cfg.seed)
-    model = resnet(cfg.depth, len(steps[0])).to(device)
+    simplex = uses_simplex(method)  # then one output per class of the dataset from task 1 on
+    model = resnet(cfg.depth, data.n_classes if simplex else len(steps[0]), simplex).to(device)
     for step, classes in enumerate(progress_bar(steps, quiet, desc=f"{method}: tasks")):
         ckpt = out / f"task{step}.pt" if out is not None else None
         source = _trained_already(ckpt, step, first_task, method)
         if source is not None:
             model, saved = resume(source, identity, trained_on, resume_anywhere, device,
                                   shared_first=source != ckpt)
+            kinds = ("cosine", "simplex")
+            require(model.simplex == simplex, f"{source} holds a model with a "
+                    f"{kinds[model.simplex]} classifier, but {method} trains a {kinds[simplex]} "
+                    "one: give it a first task trained with its own kind of classifier")
             seconds, m = saved["seconds"], json.loads(saved["metrics"] or "null")
         else:
-            teacher = None
+            teacher = influence = None
+            task_images = data.train.of_classes(classes)
             if step > 0:
                 if uses_teacher(method):
                     teacher = copy.deepcopy(model).eval().requires_grad_(False)  # frozen
+                if "bct" in method_terms(method):
+                    influence = influence_classifier(teacher, task_images, data.mean, data.std)
                 torch.manual_seed(cfg.seed * 1000 + step)  # new rows' init, the same on resume
-                model.classifier.grow(len(classes))
+                if not simplex:
+                    model.classifier.grow(len(classes))
             start = time.perf_counter()
             train_task(
-                model, teacher, data.train.of_classes(classes), cfg, method, data.mean, data.std,
+                model, teacher, task_images, cfg, method, data.mean, data.std,
                 lr=cfg.lr_first if step == 0 else cfg.lr_later,
                 epochs=(cfg.epochs_first or cfg.epochs) if step == 0 else cfg.epochs,
                 seed=cfg.seed * 1000 + step, quiet=quiet, desc=f"{method} task {step + 1}",
-            )
+                influence=influence)
             seconds, m = time.perf_counter() - start, None
-        info = {"depth": cfg.depth, "n_classes": model.n_classes, "method": method, "task": step,
+        info = {"depth": cfg.depth, "n_classes": model.n_classes, "simplex": simplex,
+                "method": method, "task": step,
                 "identity": json.dumps(identity), "class_order": split.class_order,
                 "increments": split.increments, "seconds": seconds, **trained_on}
         if ckpt is not None and source != ckpt:

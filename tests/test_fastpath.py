@@ -82,6 +82,14 @@ def test_fast_training_reaches_the_same_recall(small_data):
     assert abs(fast.seen_recall[0] - plain.seen_recall[0]) < 0.03
 
 
+@pytest.mark.parametrize("method", ["bct", "simplex+fd"])
+def test_compatible_methods_take_the_fast_path_too(small_data, method):
+    plain = run(PLAIN, method, quiet=True, data=small_data)
+    fast = run(FAST, method, quiet=True, data=small_data)
+    assert plain.seen_recall[-1] > 0.8
+    assert abs(fast.seen_recall[-1] - plain.seen_recall[-1]) < 0.03
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

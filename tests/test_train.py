@@ -55,8 +55,11 @@ def test_loss_terms_per_method(method):
     t_logits, t_feats = torch.randn(b, c_old), torch.randn(b, 16)
     first = loss_terms(method, TINY, logits, feats, labels, None, None)
     assert set(first) == {"ce", "triplet"}  # task 1: no teacher, no distillation
-    later = loss_terms(method, TINY, logits, feats, labels, t_logits, t_feats)
+    influence = torch.randn(b, c)  # BCT's old classifier's logits (bct only)
+    later = loss_terms(method, TINY, logits, feats, labels, t_logits, t_feats, influence)
     assert set(later) == set(METHODS[method])
+    if "bct" in later:
+        assert torch.allclose(later["bct"], torch.nn.functional.cross_entropy(influence, labels))
     # each term is the csdkit loss on the right inputs (KD on the old-class slice only)
     assert torch.allclose(later["ce"], torch.nn.functional.cross_entropy(logits, labels))
     if "kd" in later:
