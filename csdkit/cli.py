@@ -45,10 +45,9 @@ RUN_OPTIONS = {
 
 def demo(preset_name: str, seeds: list[int], methods: list[str], out: Path, workers: int,
          cache: Path = Path("runs/cache"), **overrides) -> Path:
-    """Train `methods` over `seeds` with a preset, print mean ± std tables, paired differences
-    and write them under out/<preset>-<dataset>-<id>/ (id: the configuration, seeds, methods,
-    torch release and machine, so neither another configuration nor another machine ever
-    overwrites these results); runs are cached in `cache` (see csdkit.runs.cache_folder),
+    """Train `methods` over `seeds` with a preset, print mean ± std tables and paired
+    differences, and write them under out/<preset>-<dataset>-<id>/ (id: configuration, seeds,
+    methods, torch and machine: nothing else overwrites them); runs are cached in `cache`,
     shared with the notebooks. Returns the results folder."""
     from csdkit import report
 

@@ -4,8 +4,6 @@
     c = course.setup()                       # seeds, the course data, a run cache
     runs = c.runs(["finetune", "fd"])        # {method: [RunResult per seed]}, cached
     course.claim("fine-tuning forgets", drop >= 0.10, drop=drop)
-
-Runs train in worker processes, one torch thread each, and are cached (csdkit.runs).
 """
 
 from __future__ import annotations
@@ -67,8 +65,7 @@ class Course:
 
     def runs(self, methods: list[str], seeds: tuple[int, ...] | None = None
              ) -> dict[str, list[RunResult]]:
-        """Train (or load) every method for every seed: {method: [result per seed]}. Every
-        method but joint starts from the same first task of a seed, trained once."""
+        """Train (or load) every method for every seed: {method: [result per seed]}."""
         seeds = self.seeds if seeds is None else tuple(seeds)
         todo = [(m, s) for m in methods for s in seeds if ("run", m, s) not in self._memo]
         if todo:
@@ -78,8 +75,7 @@ class Course:
         return {m: [self._memo["run", m, s] for s in seeds] for m in methods}
 
     def first_models(self, seeds: tuple[int, ...] | None = None) -> list[ResNet]:
-        """The model after the first task, one per seed (shared by every method but joint;
-        trains only that task when it is not cached yet)."""
+        """The model after the first task, one per seed (trains only that task if need be)."""
         seeds = self.seeds if seeds is None else tuple(seeds)
         todo = [s for s in seeds if ("first", s) not in self._memo]
         if todo:
@@ -108,8 +104,7 @@ class Course:
     # the numbers the claims use, per seed (memoised)
 
     def parts(self, seed: int) -> dict[str, ImageSet]:
-        """The test images scored on: "first" (task 1's classes), "unseen" (tasks 2..T's)
-        and "all"."""
+        """The test images scored on: "first" (task 1's classes), "unseen" (2..T's), "all"."""
         data, split = self.data(seed)
         return {"first": data.test.of_classes(split.classes(0)),
                 "unseen": data.test.of_classes(range(split.seen(0), data.n_classes)),
@@ -126,8 +121,7 @@ class Course:
         return self._cached(("raw", seed), compute)
 
     def baselines(self, seed: int) -> dict[str, float]:
-        """`raw`, plus R@1 on each part of an untrained network (the initial weights of every
-        run of this seed) and of the model after the first task."""
+        """`raw`, plus R@1 on each part of the seed's untrained network and first model."""
         def compute() -> dict[str, float]:
             torch.manual_seed(seed)  # the initial weights of every run of this seed
             untrained = resnet(self.cfg.depth, self.data(seed)[1].increments[0]).eval()
@@ -141,10 +135,9 @@ class Course:
         return self._cached(("baselines", seed), compute)
 
     def facts(self, method: str, seed: int) -> dict[str, float]:
-        """A run's numbers: from its task matrix (first_task_* after task 1 / the last; new_task
-        the mean of its diagonal over tasks 2..T; old_tasks_final tasks 1..T-1 at the end), the
-        drift of task 1's classes (drift_ratio), the final model's R@1 in the first model's
-        gallery, and `_old_classes`."""
+        """A run's numbers: from its task matrix (new_task: its diagonal over tasks 2..T;
+        old_tasks_final: tasks 1..T-1 at the end), task 1's drift (drift_ratio), the final
+        model's R@1 in the first model's gallery, and `_old_classes`."""
         def compute() -> dict[str, float]:
             r = self.runs([method], (seed,))[method][0]
             R = np.asarray(r.recall, dtype=float)
@@ -165,10 +158,9 @@ class Course:
         return self._cached(("facts", method, seed), compute)
 
     def _old_classes(self, method: str, seed: int) -> dict[str, float]:
-        """The final model on the old tasks' test images (tasks 1..T-1), classification and
-        retrieval alike: task-agnostic (accuracy: argmax over every seen class; R@1: searched
-        among the test images of every seen class) and task-aware (accuracy: argmax within the
-        query's own task's classes; R@1 within its task: old_tasks_final)."""
+        """The final model on the old tasks' test images, classification beside retrieval:
+        task-agnostic (argmax over every seen class; R@1 among every seen class's images) and
+        task-aware (argmax within the query's task; R@1 within it is old_tasks_final)."""
         data, split = self.data(seed)
         test, task_of = data.test, torch.as_tensor(split.task_of_label())[data.test.labels]
         feats, logits = extract(self.model(method, seed), test.images, data.mean, data.std)
@@ -498,10 +490,9 @@ CLAIMS.update({name: ex.claim() for name, ex in EXERCISES.items()})
 
 def setup(dataset: str | None = None, epochs: int | None = None, seeds: tuple[int, ...] = SEEDS,
           device: str = "cpu", quiet: bool = False, preset_name: str = "course") -> Course:
-    """Everything a notebook needs before it teaches: checks the install, seeds Python, NumPy
-    and torch, and opens the run cache. `dataset`/`epochs` override the preset's (e.g.
-    dataset="digits", the fastest; preset_name="paper" for CIFAR-100). Prints the machine in
-    one line."""
+    """What a notebook needs first: checks the install, seeds Python, NumPy and torch, opens the
+    run cache and prints the machine. `dataset`/`epochs` override the preset's (e.g. "digits",
+    the fastest; preset_name="paper" for CIFAR-100)."""
     missing = [m for m in ("sklearn", "seaborn", "umap", "ipywidgets")
                if importlib.util.find_spec(m) is None]
     if missing:

@@ -1,17 +1,14 @@
 """Data: datasets as uint8 image tensors, class-incremental task splits, batch augmentation.
 
-Every dataset becomes `ImageSet`s (train, val, test) of uint8 images [N, 3, H, W] and int64
-labels [N]: whole datasets as tensors (CIFAR-100's are 150 MB) augmented on batches, no DataLoader.
-
-Datasets:
-- `digits`   scikit-learn's bundled handwritten digits (8x8, 10 classes), the offline default.
-- `glyphs`   40 letters rendered from the fonts matplotlib ships, split by font (csdkit.glyphs).
-- `cifar10`, `cifar100`  through torchvision, downloaded into `root` (default `data/`).
-- `imagefolder`  your own folder of class sub-folders (`path/train/<class>/*`, `path/test/...`).
-
-`make_split` orders the classes and cuts them into tasks; datasets are relabelled so that label =
-position in the class order: task t owns labels [offsets[t], offsets[t+1]) and a model's first n
-logits are "the classes seen so far".
+Every dataset becomes `ImageSet`s (train, val, test) of uint8 images [N, 3, H, W] and int64 labels
+[N]: whole datasets as tensors (CIFAR-100's are 150 MB) augmented on batches, no DataLoader.
+Datasets: `digits` (scikit-learn's bundled 8x8 handwritten digits, 10 classes; the offline default),
+`glyphs` (40 letters rendered from the fonts matplotlib ships, split by font: csdkit.glyphs),
+`cifar10`, `cifar100` (through torchvision, downloaded into `root`, default `data/`), `imagefolder`
+(your own folder of class sub-folders: `path/train/<class>/*`, `path/test/...`). `make_split` orders
+the classes and cuts them into tasks; datasets are relabelled so that label = position in the class
+order: task t owns labels [offsets[t], offsets[t+1]) and a model's first n logits are "the classes
+seen so far".
 """
 
 from __future__ import annotations
@@ -104,14 +101,11 @@ class Dataset:
         lut[torch.as_tensor(class_order)] = torch.arange(self.n_classes)
         splits = [ImageSet(s.images, lut[s.labels]) for s in (self.train, self.val, self.test)]
         info = {k: v for k, v in self.info.items() if k != "digest"}  # other labels: new digest
-        return Dataset(
-            self.name, *splits, [self.class_names[c] for c in class_order], self.mean, self.std,
-            {**info, "class_order": list(class_order)},
-        )
+        return Dataset(self.name, *splits, [self.class_names[c] for c in class_order], self.mean,
+                       self.std, {**info, "class_order": list(class_order)})
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
+# Loading ------------------------------------------------------------------------------------------
 
 
 def _to_imageset(images: np.ndarray, labels: np.ndarray, size: int) -> ImageSet:
@@ -248,8 +242,7 @@ def load_dataset(name: str = "digits", root: str | Path = "data", image_size: in
     return Dataset(name, train, val, test, names, mean, std, info)
 
 
-# --------------------------------------------------------------------------------------------
-# Class-incremental splits
+# Class-incremental splits -------------------------------------------------------------------------
 
 
 @dataclass
@@ -281,12 +274,10 @@ class TaskSplit:
 
 
 def class_order(n_classes: int, order: str | list[int] = "icarl", seed: int = 0) -> list[int]:
-    """The order in which classes are learned.
-
-    "icarl": numpy.random.seed(1993); numpy.random.permutation(n) -- the fixed order iCaRL,
-    PyCIL and FACIL use for CIFAR-100, so results compare with the literature; "natural":
-    0..n-1; "seed": a permutation drawn from `seed`; or an explicit list (a permutation).
-    """
+    """The order in which classes are learned. "icarl": numpy.random.seed(1993);
+    numpy.random.permutation(n) -- the fixed order iCaRL, PyCIL and FACIL use for CIFAR-100, so
+    results compare with the literature; "natural": 0..n-1; "seed": a permutation drawn from
+    `seed`; or an explicit list (a permutation)."""
     if isinstance(order, str):
         if order == "icarl":
             return np.random.RandomState(1993).permutation(n_classes).tolist()
@@ -330,17 +321,14 @@ def make_split(n_classes: int, n_tasks: int | None = None, first: int | None = N
     return TaskSplit(class_order(n_classes, order, seed), increments)
 
 
-# --------------------------------------------------------------------------------------------
-# Augmentation and normalisation on batches (same code on CPU and GPU)
+# Augmentation and normalisation on batches (same code on CPU and GPU) -----------------------------
 
 
 def augment(images: torch.Tensor, pad: int = 4, flip: bool = True,
             generator: torch.Generator | None = None) -> torch.Tensor:
-    """RandomCrop(size, padding=pad) and RandomHorizontalFlip on a batch, on its own device.
-
-    images: uint8 [B, 3, H, W] -> uint8 [B, 3, H, W]. Each image gets its own crop offset and
-    flip, as torchvision's per-image transforms would give, but in a handful of tensor ops.
-    """
+    """RandomCrop(size, padding=pad) and RandomHorizontalFlip on a batch, on its own device:
+    uint8 [B, 3, H, W] -> uint8 [B, 3, H, W]. Each image gets its own crop offset and flip, as
+    torchvision's per-image transforms would give, but in a handful of tensor ops."""
     b, _, h, w = images.shape
     dev = images.device
     if pad > 0:
@@ -359,11 +347,9 @@ def augment(images: torch.Tensor, pad: int = 4, flip: bool = True,
 
 def channel_stats(mean: Stats, std: Stats, device: torch.device | str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean and std as float32 [1, 3, 1, 1] tensors on `device`, for `normalize`.
-
-    Build them once per task, not per batch: on CUDA, a tensor made from a Python tuple is a
-    blocking host-to-device copy, which would make every training step wait.
-    """
+    """mean and std as float32 [1, 3, 1, 1] tensors on `device`, for `normalize`. Build them
+    once per task, not per batch: on CUDA, a tensor made from a Python tuple is a blocking
+    host-to-device copy, which would make every training step wait."""
     mean, std = (torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device)
                  for v in (mean, std))
     return mean, std

@@ -1,16 +1,13 @@
 """Feature drift in 2-D: where did the old classes go when the model learned new ones?
 
-`DriftMap` fits UMAP on the old model's features of some test images. A new model's features of
-the same images are then drawn either in their own UMAP map aligned onto the old one
-(`align`: a Procrustes fit of the class centroids; each model keeps its own neighbourhoods) or
-placed into the old map with UMAP's `transform` (`place`: what a gallery embedded by the old
-model sees, i.e. compatibility). UMAP keeps neighbourhoods, not distances: the numbers to quote
-are `map_recall_at_1` (does the picture separate the classes?) and, in feature space,
-`drift_ratio` and `centroid_shift`.
-
-UMAP is compiled by numba the first time it runs in a process (about 30 s on 2 CPU cores);
-`DriftMap` turns on numba's on-disk cache for umap's jitted functions. After upgrading umap or
-pynndescent, delete numba's cache (numba checks a function's own source, not its callees').
+`DriftMap` fits UMAP on the old model's features of some test images; a new model's features of
+the same images are drawn in their own UMAP map aligned onto the old one (`align`) or placed into
+the old map (`place`). UMAP keeps neighbourhoods, not distances: the numbers to quote are
+`map_recall_at_1` (does the picture separate the classes?) and, in feature space, `drift_ratio`
+and `centroid_shift`. UMAP is compiled by numba the first time it runs in a process (about 30 s
+on 2 CPU cores); `DriftMap` turns on numba's on-disk cache for umap's jitted functions. After
+upgrading umap or pynndescent, delete numba's cache (numba checks a function's own source, not
+its callees').
 """
 
 from __future__ import annotations
@@ -106,13 +103,11 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
 
 class DriftMap:
     """A 2-D UMAP map of the old model's features, and new models drawn against it.
-
     old_features: [N, D] (numpy or torch), L2-normalised and fitted with the cosine metric;
     `old_2d` [N, 2] float32 is the map. Deterministic for a seed (random_state, which makes UMAP
     single-threaded, and transform_seed); silent (nothing on stderr). n_neighbors is capped at
     N - 1; n_epochs=None is UMAP's default. `place` is approximate: features equal to the old
-    ones land near their fitted positions, not on them, so short arrows there are noise.
-    """
+    ones land near their fitted positions, not on them, so short arrows there are noise."""
 
     def __init__(self, old_features: Any, seed: int = 0, n_neighbors: int = 15,
                  min_dist: float = 0.1, n_epochs: int | None = None) -> None:
@@ -150,7 +145,7 @@ class DriftMap:
         return ((xy - a.mean(0)) @ rotation * scale + b.mean(0)).astype(np.float32)
 
     def place(self, new_features: Any) -> np.ndarray:
-        """[N', D] features of a new model -> [N', 2] float32, placed into the old map."""
+        """[N', D] new features -> [N', 2] float32, placed into the old map by UMAP's transform."""
         new = _as_2d_array(new_features, "new_features")
         require(new.shape[1] == self.dim and len(new) > 0,
                 f"new_features must be [N', {self.dim}] with N' >= 1 (the dimension the map "
@@ -223,14 +218,12 @@ def plot_drift(
     title: str | None = "feature drift: old model (hollow) → new model (filled)",
 ) -> Any:
     """Scatter both models' points in one frame and draw how the old classes moved.
-
     old_2d, new_2d [N, 2]: `m.old_2d` and `m.align(...)` or `m.place(...)` of one DriftMap `m`
     (to compare methods, one axis each with the same `m`). labels [N]; old_classes: the classes
     learned before the new model's task (coloured; the others grey). Old-model points hollow,
     new-model points filled. arrows: "centroids" (a class's old centroid -> its new one),
     "samples" (per image, at most `max_sample_arrows` drawn with `seed`), "both" or None. Class
-    names mark the new centroids when there are at most 20 old classes. Returns the Axes.
-    """
+    names mark the new centroids when there are at most 20 old classes. Returns the Axes."""
     import matplotlib.pyplot as plt
 
     require(arrows in ARROWS, f"arrows must be one of {ARROWS}, got {arrows!r}")

@@ -2,9 +2,8 @@
 
 Every glyph is rendered with Pillow from the TrueType fonts matplotlib bundles, jittered, and
 split by font family, so validation and test fonts are never seen in training. What the images
-are, which faces are kept, how the split is dealt, sizes, font licences and known limits: the
-README's "Data card: glyphs".
-"""
+are, which faces are kept, how the split is dealt, sizes, font licences, known limits: the README's
+"Data card: glyphs"."""
 
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ _CM_FAMILIES = {**dict.fromkeys(("cmr10", "cmb10", "cmti10", "cmmi10"), "Compute
 _UNASSIGNED = "\u0378"  # not a Unicode character: every face draws its .notdef glyph for it
 
 
-# -----------------------------------------------------------------------------
-# fonts: which faces draw our 40 characters as letters
+# fonts: which faces draw our 40 characters as letters ---------------------------------------------
 
 
 def _ink(font: ImageFont.FreeTypeFont, char: str) -> Image.Image | None:
@@ -46,10 +44,8 @@ def _ink(font: ImageFont.FreeTypeFont, char: str) -> Image.Image | None:
 
 def _maps_to_named_glyphs(path: Path, chars: str) -> bool:
     """True if the cmap sends each character to a glyph carrying the character's own name.
-
     Symbol fonts put maths glyphs in the ASCII slots (cmsy10 draws a turnstile for 'a'), which
-    would pass any "renders something distinct" test; their glyph names give them away.
-    """
+    would pass any "renders something distinct" test; their glyph names give them away."""
     ft = FT2Font(str(path))
     for c in chars:
         index = ft.get_char_index(ord(c))
@@ -94,8 +90,7 @@ def font_family(face: str) -> str:
     return ImageFont.truetype(str(usable_faces()[face]), 12).getname()[0]
 
 
-# -----------------------------------------------------------------------------
-# the split: by family, so no design is seen both in training and at test time
+# the split: by family, so no design is seen both in training and at test time ---------------------
 
 
 def _deal(groups: list[list[str]]) -> dict[str, list[str]]:
@@ -125,8 +120,7 @@ def split_fonts(faces: list[str], rng: np.random.Generator) -> dict[str, list[st
     return split
 
 
-# -----------------------------------------------------------------------------
-# rendering
+# rendering ----------------------------------------------------------------------------------------
 
 
 def _clean_glyphs(path: Path, canvas: int) -> list[Image.Image]:
@@ -163,9 +157,7 @@ def render_clean_glyphs(face: str, size: int = 32) -> np.ndarray:
 
 def _affine_coeffs(angle: float, scale: float, shear: float, shift: np.ndarray, canvas: int):
     """PIL's AFFINE data for: shear and scale, then rotate, about the centre, then translate.
-
-    PIL wants the inverse map (output pixel -> input pixel), so we invert the forward matrix.
-    """
+    PIL wants the inverse map (output pixel -> input pixel), so we invert the forward matrix."""
     cos, sin = np.cos(angle), np.sin(angle)
     forward = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, shear], [0.0, 1.0]]) * scale
     inverse = np.linalg.inv(forward)
@@ -201,13 +193,11 @@ def _jitter_face(glyphs: list[Image.Image], params: np.ndarray, size: int) -> np
 
 
 def build_glyphs(seed: int = 0, size: int = 32, samples_per_font: int = 12) -> dict:
-    """Render the dataset. Returns numpy arrays and name lists:
-
-    ``{split}_images`` uint8 [N, size, size], ``{split}_labels`` int64 [N] (index into
-    ``class_names``), ``{split}_fonts`` list[str] (face names), ``{split}_font_ids`` int64 [N]
-    (index into ``{split}_fonts``), ``class_names`` list[str], for split in train/val/test, with
-    N = len({split}_fonts) * 40 * samples_per_font.
-    """
+    """Render the dataset. Returns numpy arrays and name lists: ``{split}_images`` uint8
+    [N, size, size], ``{split}_labels`` int64 [N] (index into ``class_names``), ``{split}_fonts``
+    list[str] (face names), ``{split}_font_ids`` int64 [N] (index into ``{split}_fonts``),
+    ``class_names`` list[str], for split in train/val/test, with N = len({split}_fonts) * 40 *
+    samples_per_font."""
     rng = np.random.default_rng(seed)
     faces = list(usable_faces())  # sorted by name
     split = split_fonts(faces, rng)
@@ -243,8 +233,7 @@ def build_glyphs(seed: int = 0, size: int = 32, samples_per_font: int = 12) -> d
     return out
 
 
-# -----------------------------------------------------------------------------
-# cache
+# cache --------------------------------------------------------------------------------------------
 
 _NAME_KEYS = ("class_names", *(f"{s}_fonts" for s in SPLITS))
 

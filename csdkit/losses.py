@@ -3,13 +3,11 @@
 Barletti, Biondi, Pernici, Bruni, Del Bimbo, "Contrastive Supervised Distillation for Continual
 Representation Learning", ICIAP 2021 (arXiv 2205.05476).
 
-Each loss is a small pure function of tensors, in the spirit of HobbitLong's SupConLoss and
-pytorch-metric-learning. Notation: B batch size, D feature dimension, C (old) classes; s_i, t_i
-the L2-normalised student and teacher features of sample i (the teacher is the frozen previous
-model), y_i its label, tau a temperature. The paper's objective: CE + triplet on task 1, CE +
-triplet + KD + CSD on every later task.
-
-Teacher tensors are detached here too, so a forgotten ``no_grad`` in the caller (which saves the
+Each loss is a small pure function of tensors, as HobbitLong's SupConLoss and
+pytorch-metric-learning. B batch size, D feature dimension, C (old) classes; s_i, t_i the
+L2-normalised student and teacher (the frozen previous model) features of sample i, y_i its
+label, tau a temperature. The paper: CE + triplet on task 1, + KD + CSD on every later task.
+Teacher tensors are detached here too: a forgotten ``no_grad`` in the caller (which saves the
 teacher graph's memory) can never push gradients into the teacher.
 """
 

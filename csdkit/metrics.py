@@ -2,7 +2,6 @@
 
 Retrieval ranks by cosine similarity (rows L2-normalised). Shapes: N queries, M gallery items,
 D embedding dimension, k neighbours, T trained steps, J tasks. Two settings:
-
 * leave-one-out (``gallery=None``): every item queries all the *other* items of the set;
 * query/gallery. With ``gallery_labels=None`` the gallery is the *same images* as the queries
   (row i of both is image i) embedded by another model, e.g. new queries against an old
@@ -22,8 +21,7 @@ from csdkit import require
 
 ArrayLike = np.ndarray | torch.Tensor
 
-# -----------------------------------------------------------------------------
-# where user input enters: conversion and the checks the math needs
+# where user input enters: conversion and the checks the math needs --------------------------------
 
 
 def _features(x: ArrayLike, name: str, queries: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,11 +69,9 @@ def _check_search(n_queries: int, n_gallery: int, exclude_self: bool, k: int | N
 def _sets(features: ArrayLike, labels: Any, gallery: ArrayLike | None, gallery_labels: Any,
           exclude_self: bool | None
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Apply the leave-one-out / query-gallery conventions (see the module docstring).
-
-    Returns (queries [N, D], query labels [N], gallery [M, D], gallery labels [M],
-    exclude_self), all on the queries' device, features normalised.
-    """
+    """Apply the leave-one-out / query-gallery conventions (see the module docstring). Returns
+    (queries [N, D], query labels [N], gallery [M, D], gallery labels [M], exclude_self), all on
+    the queries' device, features normalised."""
     q = _features(features, "features")
     q_labels = _labels(labels, q, "labels", "features")
     require(len(q) > 0, "features is empty; pass at least one query row")
@@ -103,20 +99,16 @@ def _set_diagonal(x: torch.Tensor, start: int, value: float | bool) -> None:
     x[rows, rows + start] = value
 
 
-# -----------------------------------------------------------------------------
-# retrieval
+# retrieval ----------------------------------------------------------------------------------------
 
 
 def retrieve(query_features: ArrayLike, gallery_features: ArrayLike, k: int,
              exclude_self: bool = False, *, chunk_size: int = 1024
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k cosine neighbours of each query in the gallery.
-
-    query_features [N, D], gallery_features [M, D] (numpy or torch, any float dtype).
-    exclude_self: query i may not retrieve gallery row i (needs N == M).
-    Returns (scores [N, k] float32, indices [N, k] int64), most similar first, on the
-    queries' device.
-    """
+    """Top-k cosine neighbours of each query in the gallery. query_features [N, D],
+    gallery_features [M, D] (numpy or torch, any float dtype). exclude_self: query i may not
+    retrieve gallery row i (needs N == M). Returns (scores [N, k] float32, indices [N, k] int64),
+    most similar first, on the queries' device."""
     q = _features(query_features, "query_features")
     g = _features(gallery_features, "gallery_features", queries=q)
     _check_search(len(q), len(g), exclude_self, k, chunk_size)
@@ -143,12 +135,10 @@ def _topk(q: torch.Tensor, g: torch.Tensor, k: int, exclude_self: bool, chunk_si
 def recall_at_k(features: ArrayLike, labels: Any, k: int = 1, *, gallery: ArrayLike | None = None,
                 gallery_labels: Any = None, exclude_self: bool | None = None,
                 chunk_size: int = 1024) -> float:
-    """Recall@k: fraction of queries with at least one same-label item among their k
-    nearest (cosine) gallery items.
-
-    features [N, D], labels [N]; gallery [M, D], gallery_labels [M] optional (see the
-    module docstring for leave-one-out vs query/gallery and the exclude_self defaults).
-    """
+    """Recall@k: fraction of queries with at least one same-label item among their k nearest
+    (cosine) gallery items. features [N, D], labels [N]; gallery [M, D], gallery_labels [M]
+    optional (see the module docstring for leave-one-out vs query/gallery and the exclude_self
+    defaults)."""
     q, q_labels, g, g_labels, exclude_self = _sets(features, labels, gallery, gallery_labels,
                                                    exclude_self)
     _check_search(len(q), len(g), exclude_self, k, chunk_size)
@@ -209,18 +199,15 @@ def chance_recall_at_1(labels: Any) -> float:
     return float((n_c * (n_c - 1)).sum() / (len(y) * (len(y) - 1)))
 
 
-# -----------------------------------------------------------------------------
-# continual-learning summary
+# continual-learning summary -----------------------------------------------------------------------
 
 
 def forgetting(R: np.ndarray) -> np.ndarray:
     """Per-task forgetting (Chaudhry et al., 2018, "Riemannian Walk").
-
     R [T, J]: R[t, j] = metric (e.g. R@1) on task j after step t; entries j > t (not seen yet)
     are ignored and may be NaN. Returns f [T-1], f[j] = max_{t in [j, T-2]} R[t, j] - R[T-1, j]:
     how far task j fell from its best before the final step. Positive = forgotten, negative =
-    improved (backward transfer); the last task has no "before" and is left out.
-    """
+    improved (backward transfer); the last task has no "before" and is left out."""
     R = np.asarray(R, dtype=np.float64)
     require(R.ndim == 2, f"R must be 2-D [num_steps, num_tasks], got shape {R.shape}")
     T, J = R.shape
@@ -236,14 +223,12 @@ def forgetting(R: np.ndarray) -> np.ndarray:
     return f
 
 
-# -----------------------------------------------------------------------------
-# compatibility: new queries against an old model's gallery of the same images
+# compatibility: new queries against an old model's gallery of the same images ---------------------
 
 
 def compatibility_matrix(features: list[ArrayLike], labels: Any) -> torch.Tensor:
     """M [T, T]: M[i, j] (i >= j) is R@1 of model i's queries against model j's gallery of the
     same N images, a query never finding its own image; NaN above the diagonal.
-
     features: T arrays [N, D], the same images (row n is image n) embedded by the model after
     task 1..T; labels [N]. The diagonal is each model's own leave-one-out R@1; the lower
     triangle is "new queries, old gallery" (Shen et al. 2020, BCT)."""

@@ -1,16 +1,15 @@
 """The model: a CIFAR-style ResNet feature extractor and a growing cosine classifier.
 
 ResNet-(6n+2) as in He et al. 2016, section 4.2: three stages of n basic blocks with 16/32/64
-channels, parameter-free "option A" shortcuts (stride-2 subsampling, zero-padded channels),
-global average pooling to a 64-d feature. ResNet-32 is the paper's; 8 keeps CPU runs short.
-
-The classifier has no bias and L2-normalises its weight rows at every forward, so a logit is
-|f| cos(f, w_c): the class direction alone decides, which suits a model that is also used for
-cosine retrieval. It grows when a task brings new classes and keeps the old rows bit-for-bit.
-"""
+channels, parameter-free "option A" shortcuts, global average pooling to a 64-d feature.
+ResNet-32 is the paper's; 8 keeps CPU runs short. The classifier has no bias and L2-normalises
+its rows at every forward, so a logit is |f| cos(f, w_c): the class direction alone decides, as
+in cosine retrieval. It grows with each task, keeping the old rows bit for bit. Or a fixed
+simplex classifier (SimplexClassifier), for compatibility."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -62,10 +61,8 @@ class CosineClassifier(nn.Module):
 
     @torch.no_grad()
     def grow(self, n_new: int) -> None:
-        """Add `n_new` freshly initialised rows; the old rows are copied unchanged.
-
-        A new Parameter replaces the old one, so build the optimizer after growing.
-        """
+        """Add `n_new` freshly initialised rows, the old ones unchanged. A new Parameter replaces
+        the old one, so build the optimizer after growing."""
         require(n_new >= 1, f"grow() needs n_new >= 1, got {n_new}")
         new_rows = torch.empty(n_new, self.weight.shape[1], device=self.weight.device)
         nn.init.kaiming_uniform_(new_rows, a=5**0.5)
@@ -73,10 +70,9 @@ class CosineClassifier(nn.Module):
 
 
 def simplex_vertices(k: int) -> torch.Tensor:
-    """The K vertices of a regular simplex centred at 0, as unit rows [K, K-1]: every pair at
-    cosine -1/(K-1), so W W^T = K/(K-1) I - 1/(K-1) 1 1^T (Pernici et al., ICPR 2020). Built
-    from the basis e_1..e_{K-1} and a last vertex a 1 with a = (1 - sqrt(K)) / (K-1), the value
-    that puts it at distance sqrt(2) from the others, then centred: closed form, no randomness."""
+    """A regular simplex's K unit vertices [K, K-1], centred: W W^T = K/(K-1) I - 1/(K-1) 1 1^T
+    (Pernici et al., ICPR 2020). e_1..e_{K-1} and a 1, a = (1 - sqrt(K)) / (K-1) (the point
+    sqrt(2) from every e_i), centred and normalised: a closed form, the same on every machine."""
     require(k >= 2, f"a simplex classifier needs at least 2 classes, got {k}")
     d = k - 1
     v = torch.cat([torch.eye(d, dtype=torch.float64),
@@ -85,17 +81,13 @@ def simplex_vertices(k: int) -> torch.Tensor:
 
 
 class SimplexClassifier(nn.Module):
-    """A fixed classifier: logits = features @ W^T with W the simplex's K vertices [K, K-1], one
-    row per class of the dataset from task 1 on. W is a buffer, so no optimiser or weight decay
-    ever touches it; the features learn to point at their class's vertex. features [B, K-1]."""
+    """logits = features @ W^T, W the simplex's K vertices (one per class of the dataset, from
+    task 1 on) as a buffer: no optimiser or weight decay touches it. [B, K-1] -> [B, K]."""
 
     def __init__(self, n_classes: int):
         super().__init__()
         self.register_buffer("weight", simplex_vertices(n_classes))
-
-    @property
-    def n_classes(self) -> int:
-        return self.weight.shape[0]
+        self.n_classes = n_classes  # fixed: a simplex classifier never grows
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features @ self.weight.t()
@@ -103,20 +95,16 @@ class SimplexClassifier(nn.Module):
 
 class ResNet(nn.Module):
     """CIFAR ResNet: images [B, 3, H, W] (normalised) -> (logits [B, C], features [B, 64]).
-
-    simplex=True: a SimplexClassifier for all `n_classes` classes, fed by a learnable linear map
-    from the 64-d pooled feature to the simplex's K-1 dimensions; that map's output is the
-    retrieval feature [B, K-1]."""
+    simplex=True: a SimplexClassifier for all K = n_classes, after a learnable linear map from
+    the 64-d pooled feature to K-1 dimensions, the retrieval feature [B, K-1]."""
 
     def __init__(self, depth: int = 32, n_classes: int = 10, simplex: bool = False):
         super().__init__()
         require(depth >= 8 and (depth - 2) % 6 == 0,
                 f"ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, ...), got {depth}")
-        # The K vertices span K-1 dimensions, but a linear map of a 64-d feature spans at most 64:
-        # beyond that the features cannot keep the simplex's equal angles.
-        require(not simplex or n_classes - 1 <= 64, f"a simplex classifier for {n_classes} "
-                f"classes needs {n_classes - 1}-d features, but the ResNet gives 64: use it on "
-                "at most 65 classes (digits, glyphs, CIFAR-10), or a cosine classifier")
+        # A linear map of a 64-d feature spans at most 64 of the K-1 dimensions the vertices span
+        require(not simplex or n_classes <= 65, f"a simplex classifier for {n_classes} classes "
+                f"needs {n_classes - 1}-d features, but the ResNet gives 64: at most 65 classes")
         n = (depth - 2) // 6
         self.depth = depth
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
@@ -151,6 +139,19 @@ class ResNet(nn.Module):
 
 def resnet(depth: int = 32, n_classes: int = 10, simplex: bool = False) -> ResNet:  # by name
     return ResNet(depth=depth, n_classes=n_classes, simplex=simplex)
+
+
+@torch.no_grad()
+def influence_classifier(teacher: ResNet, train, mean, std) -> CosineClassifier:
+    """BCT's old classifier for a new task (Shen et al., CVPR 2020), frozen: the teacher's rows,
+    then per new class the teacher's mean feature of its training images (labels follow the
+    class order, so new classes come after the old rows)."""
+    feats, _ = extract(teacher, train.images, mean, std)
+    labels = train.labels.to(feats.device)
+    rows = torch.stack([feats[labels == c].mean(0) for c in labels.unique()])
+    head = copy.deepcopy(teacher.classifier)
+    head.weight = nn.Parameter(torch.cat([head.weight, rows]))
+    return head.requires_grad_(False)
 
 
 def count_parameters(model: nn.Module) -> int:

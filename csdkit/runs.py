@@ -35,10 +35,9 @@ LATER_TASKS_ONLY = ("method", "lr_later", "w_kd", "w_fd", "w_csd", "w_bct", "kd_
 
 
 def run_identity(cfg: Config, method: str, data: Dataset) -> dict:
-    """Everything that decides a run's numbers: the config (less the device and bf16, which
-    `trained_on` records apart, and less where the data live), the method and the data
-    themselves (`Dataset.digest`: every image and label, in class order). channels_last and
-    compile stay in: on a GPU they change which kernels run, and so the last digits."""
+    """What decides a run's numbers: the config (less device and bf16, recorded apart in
+    `trained_on`, and where the data live), the method and the data (`Dataset.digest`).
+    channels_last and compile stay in: on a GPU they change the kernels, so the last digits."""
     d = dataclasses.asdict(cfg)
     for k in ("device", "bf16", "data_root", "data_path"):
         d.pop(k)
@@ -162,8 +161,8 @@ def load_checkpoint(path: str | Path, model: ResNet | None = None) -> tuple[ResN
                k not in ckpt]
     require(not missing, f"{path} is not a csdkit checkpoint (no {', '.join(map(repr, missing))} "
             "entries); csdkit writes them with save_checkpoint or `csdkit run`")
-    depth, n_classes, simplex = int(ckpt["depth"]), int(ckpt["n_classes"]), ckpt.get("simplex")
-    simplex = bool(simplex)  # checkpoints from before the simplex classifier have none
+    depth, n_classes = int(ckpt["depth"]), int(ckpt["n_classes"])
+    simplex = bool(ckpt.get("simplex"))  # checkpoints from before it have no such entry
     model = resnet(depth, n_classes, simplex) if model is None else model
     require((model.depth, model.n_classes, model.simplex) == (depth, n_classes, simplex),
             f"{path} holds a ResNet-{depth} with {n_classes} classes (simplex={simplex}), but the "
@@ -176,14 +175,18 @@ def load_checkpoint(path: str | Path, model: ResNet | None = None) -> tuple[ResN
 
 def resume(path: Path, identity: dict, trained_on: dict, anywhere: bool, device: torch.device,
            shared_first: bool = False) -> tuple[ResNet, dict]:
-    """Load a finished task's checkpoint after checking that it belongs to this run.
-    shared_first: a first task shared between methods (all but LATER_TASKS_ONLY must agree)."""
+    """A finished task's checkpoint, checked to belong to this run (shared_first: a first task
+    shared between methods, so all but LATER_TASKS_ONLY must agree)."""
     model, info = load_checkpoint(path)
     saved = json.loads(info.get("identity", "{}"))
     if shared_first:
         require(info.get("task") == 0 and saved.get("method") != "joint",
                 f"{path} is not a first-task checkpoint of a continual method")
         saved = {**saved, **{k: identity[k] for k in LATER_TASKS_ONLY}}
+    kinds, simplex = ("cosine", "simplex"), "simplex" in identity["method"].split("+")
+    require(model.simplex == simplex, f"{path} holds a model with a {kinds[model.simplex]} "
+            f"classifier, but {identity['method']} trains a {kinds[simplex]} one: give it a "
+            "first task trained with its own kind of classifier")
     diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
     require(not diff, f"{path} belongs to another run (differs in: {', '.join(diff)}; 'data' "
             "means other images, labels or class order). Nothing was overwritten: choose another "
@@ -225,17 +228,12 @@ def _run_parallel(jobs: list[dict], workers: int) -> list[RunResult]:
 
 def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 2,
              first_only: bool = False) -> list[RunResult]:
-    """Train (config, method) pairs, `workers` at a time, one torch thread each, and return
-    their results in order. On a CPU a run's last digits depend on its thread count, so the
-    numbers never depend on `workers`.
-
-    Each run gets folder/<run_name>/ and is resumed from there (a finished one only loads).
-    Runs that differ only in LATER_TASKS_ONLY share one first task, trained once into
-    folder/<first_name>/. first_only: train just those first tasks, and return their results.
-
-    With workers > 1 the runs train in spawned processes, which import the calling script
-    again: call this from a notebook, or from a script under `if __name__ == "__main__":`.
-    """
+    """Train (config, method) pairs, `workers` at a time with one torch thread each (a CPU
+    run's last digits depend on its threads, never on `workers`); return results in order.
+    Each run resumes from folder/<run_name>/; runs that differ only in LATER_TASKS_ONLY share
+    one first task in folder/<first_name>/. first_only: train and return just those. Workers
+    are spawned processes that import the caller again: call this from a notebook, or from a
+    script under `if __name__ == "__main__":`."""
     from csdkit.train import prepare, run
 
     folder = Path(folder)

@@ -9,14 +9,15 @@ The objective for task t (Barletti et al. 2021; see csdkit.losses for each term)
     csd_official  L = CE + Triplet + KD + CSD(official)   (the authors' SupCon-over-two-views form)
     joint         L = CE + Triplet on all classes at once (the upper bound)
 
-and two ablations of CSD (benchmarks/ablate_csd.py): csd_transposed (student anchors against the
-teacher's features: csd_official without its student-student terms) and csd_student (those
-student-student terms alone: SupCon on the student, no teacher features).
+    bct           L = CE + Triplet + BCT                  (the old classifier on new features)
+    simplex       L = CE + Triplet, fixed simplex classifier (joined by "+": simplex+fd, ...)
 
-The teacher is the model as it was at the end of the previous task, frozen: a copy in eval mode
-(BatchNorm uses its running statistics, never updates them) run under no_grad. The authors' code
-left its teacher in train mode; we do not copy that. No checkpoint is chosen by a test score:
-each task keeps its last epoch. Checkpoints and the run cache live in csdkit.runs.
+and two CSD ablations (benchmarks/ablate_csd.py): csd_transposed (csd_official without its
+student-student terms) and csd_student (those terms alone: SupCon on the student).
+
+The teacher is the model at the end of the previous task, frozen: a copy in eval mode (BatchNorm
+keeps its running statistics) under no_grad; the authors' code left it in train mode. Each task
+keeps its last epoch: no checkpoint is chosen by a test score.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from csdkit import losses, metrics, require
+from csdkit import losses, metrics, models, require
 from csdkit.data import (
     Dataset,
     ImageSet,
@@ -82,10 +83,6 @@ def method_terms(method: str) -> tuple[str, ...]:
 
 def uses_teacher(method: str) -> bool:  # only then is a teacher built (bct: for its rows)
     return any(term in method_terms(method) for term in ("kd", "fd", "csd", "bct"))
-
-
-def uses_simplex(method: str) -> bool:
-    return "simplex" in method.split("+")
 
 
 @dataclass
@@ -158,17 +155,13 @@ class Config:
 
 PRESETS: dict[str, Config] = {
     # The fastest look: digits at 16x16, ResNet-8, 5 tasks of 2 classes, seconds a task on a
-    # CPU. Later tasks learn gently from the previous model (the spirit of the authors' 1e-3
-    # then 1e-5), at the rate and epochs with the best validation R@1 (benchmarks/tune.py).
-    # Digits sit near their ceiling (raw pixels retrieve almost as well as any model), so
-    # little is forgotten here.
+    # CPU; later tasks at the validation-best rate and epochs (benchmarks/tune.py). Digits sit
+    # near their ceiling (raw pixels retrieve almost as well as any model): little to forget.
     "quick": Config(lr_later=3e-4, epochs=20),
-    # The course: what the notebooks use. glyphs (40 letters, test fonts never seen in
-    # training), 5 tasks of 8 letters, ResNet-8 at 12x12; the seed draws which letters go to
-    # which task. Later tasks: the rate at which fine-tuning learns new tasks best on validation
-    # fonts (1e-3), trained three times as long as the first (36 epochs): longer training is
-    # what makes fine-tuning forget, as in the paper (benchmarks/README.md, "The protocol").
-    # channels_last on a CPU too: oneDNN's NHWC convolutions, ~1.1x faster here.
+    # The course (the notebooks): glyphs, 5 tasks of 8 letters drawn by the seed, ResNet-8 at
+    # 12x12. Later tasks at fine-tuning's best new-task rate on validation fonts (1e-3), three
+    # times as long as the first: longer training is what makes it forget, as in the paper
+    # (benchmarks/README.md, "The protocol"). channels_last: oneDNN's NHWC convs, ~1.1x here.
     "course": Config(dataset="glyphs", image_size=12, n_tasks=5, epochs_first=12, epochs=36,
                      lr_later=1e-3, class_order="seed", channels_last="always"),
     # The authors' CIFAR-100 protocol (csd-method.md): ResNet-32, 800 epochs a task, batch 128,
@@ -202,10 +195,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def speed_options(cfg: Config, device: torch.device) -> tuple[bool, bool, str | None]:
-    """(bf16 autocast, channels_last, torch.compile mode or None) as they apply on `device`
-    (see Config). bf16=True stays off on a GPU older than Ampere (e.g. Colab's T4): torch would
-    emulate bf16, slower than fp32. compile stays off on a CPU (its compile time outweighs any
-    gain there). `precision` says which arithmetic was chosen."""
+    """(bf16 autocast, channels_last, torch.compile mode or None) as they apply on `device`.
+    bf16=True stays off before Ampere (e.g. Colab's T4: emulated bf16 is slower than fp32);
+    compile stays off on a CPU (its compile time outweighs any gain there)."""
     cfg.check()
     cuda = device.type == "cuda"
 
@@ -281,10 +273,9 @@ def batch_loss(model: ResNet, teacher: ResNet | None, x: torch.Tensor, y: torch.
                method: str, cfg: Config, bf16: bool = False,
                influence: CosineClassifier | None = None
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One batch: the student forward (with grad), the frozen teacher's forward (no grad) and the
-    method's loss terms. Returns (weighted loss, unweighted terms). x: normalised images
-    [B, 3, H, W], y: labels [B]; bf16: autocast the forwards to bf16 on x's device; influence:
-    BCT's frozen old classifier. This is the function `train_task` compiles."""
+    """One batch: the student forward (with grad), the frozen teacher's (no grad) and the loss
+    terms; returns (weighted loss, unweighted terms). x: normalised images [B, 3, H, W], y [B];
+    bf16: autocast the forwards; influence: BCT's old classifier. `train_task` compiles this."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits, features = model(x)
         t_logits = t_features = None
@@ -316,11 +307,8 @@ def train_task(model: ResNet, teacher: ResNet | None, train: ImageSet, cfg: Conf
                mean, std, lr: float, epochs: int, seed: int, quiet: bool = False, desc: str = "",
                influence: CosineClassifier | None = None) -> list[dict[str, float]]:
     """Train `model` in place on one task's images with `method`; returns per-epoch mean losses.
-
-    `train` holds only the current task's images (no exemplars of old classes). The images move
-    to the model's device once, as uint8; crops, flips and normalisation run there per batch.
-    influence: BCT's old classifier (see `influence_classifier`), for methods with "bct".
-    """
+    `train`: the task's images only (no exemplars), moved to the device once as uint8; crops,
+    flips and normalisation run there per batch. influence: BCT's old classifier, for "bct"."""
     if not any(t in method_terms(method) for t in ("kd", "fd", "csd")):
         teacher = None  # bct alone needs no teacher forward per batch
     device = next(model.parameters()).device
@@ -344,8 +332,7 @@ def train_task(model: ResNet, teacher: ResNet | None, train: ImageSet, cfg: Conf
     model.train()
     history = []
     n = len(images)
-    # drop the last, smaller batch (static shapes for compiled steps; no 1-sample BatchNorm)
-    # unless the whole task is smaller than one batch.
+    # drop the last, smaller batch (static shapes; no 1-sample BatchNorm) unless it is the only
     n_batches = max(1, n // cfg.batch_size)
     for epoch in progress_bar(range(epochs), quiet, desc=desc or "epochs"):
         order = torch.randperm(n, device=device, generator=g)
@@ -378,20 +365,6 @@ def train_task(model: ResNet, teacher: ResNet | None, train: ImageSet, cfg: Conf
                 "in fp32 (--no-bf16); nothing of this task was saved."
             )
     return history
-
-
-@torch.no_grad()
-def influence_classifier(teacher: ResNet, train: ImageSet, mean, std) -> CosineClassifier:
-    """BCT's old classifier for a new task (Shen et al., CVPR 2020): the teacher's rows for the
-    old classes and, for each of the task's new classes, the teacher's mean feature of its
-    training images (synthesised once per task); frozen. Labels are in class order, so the new
-    classes follow the old rows."""
-    feats, _ = extract(teacher, train.images, mean, std)
-    labels = train.labels.to(feats.device)
-    rows = torch.stack([feats[labels == c].mean(0) for c in labels.unique()])
-    head = copy.deepcopy(teacher.classifier)
-    head.weight = torch.nn.Parameter(torch.cat([head.weight, rows]))
-    return head.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,15 +480,12 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
         resume_anywhere: bool = False, last_task: int | None = None) -> RunResult:
     """Train `method` task after task and evaluate after each task.
 
-    With `out_dir`, a checkpoint `task{t}.pt` (weights, identity, metrics) is saved after each
-    task, before it is evaluated, and a rerun resumes after the last finished task. Another
-    run's folder (config, method or data) is refused, never overwritten; so is one trained on
-    another machine or precision, unless `resume_anywhere` says mixing them is fine.
-
-    first_task: a `task0.pt` of a run with the same data and config up to runs.LATER_TASKS_ONLY
-    (every method but joint trains the first task identically, so one serves them all).
-    last_task: stop after this task (0-based); a later call without it resumes from there.
-    """
+    With `out_dir`, `task{t}.pt` (weights, identity, metrics) is saved after each task, before
+    it is evaluated; a rerun resumes after the last finished task. Another run's folder is
+    refused, never overwritten; so is one from another machine or precision, unless
+    `resume_anywhere`. first_task: a `task0.pt` with the same data and config up to
+    runs.LATER_TASKS_ONLY (one serves every method but joint, and simplex its own kind).
+    last_task: stop after this task (0-based); a later call without it resumes from there."""
     method_terms(method)  # a clear error for an unknown method
     cfg.check()
     device = resolve_device(cfg.device)
@@ -535,7 +505,7 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
     result = RunResult(method, identity, split.class_order, split.increments, **trained_on)
     first_test, first_features = data.test.of_classes(split.classes(0)), []
     torch.manual_seed(cfg.seed)
-    simplex = uses_simplex(method)  # then one output per class of the dataset from task 1 on
+    simplex = "simplex" in method.split("+")  # then an output per class from task 1 on
     model = resnet(cfg.depth, data.n_classes if simplex else len(steps[0]), simplex).to(device)
     for step, classes in enumerate(progress_bar(steps, quiet, desc=f"{method}: tasks")):
         ckpt = out / f"task{step}.pt" if out is not None else None
@@ -543,34 +513,27 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
         if source is not None:
             model, saved = resume(source, identity, trained_on, resume_anywhere, device,
                                   shared_first=source != ckpt)
-            kinds = ("cosine", "simplex")
-            require(model.simplex == simplex, f"{source} holds a model with a "
-                    f"{kinds[model.simplex]} classifier, but {method} trains a {kinds[simplex]} "
-                    "one: give it a first task trained with its own kind of classifier")
             seconds, m = saved["seconds"], json.loads(saved["metrics"] or "null")
         else:
-            teacher = influence = None
-            task_images = data.train.of_classes(classes)
+            teacher, influence, task = None, None, data.train.of_classes(classes)
             if step > 0:
                 if uses_teacher(method):
                     teacher = copy.deepcopy(model).eval().requires_grad_(False)  # frozen
                 if "bct" in method_terms(method):
-                    influence = influence_classifier(teacher, task_images, data.mean, data.std)
+                    influence = models.influence_classifier(teacher, task, data.mean, data.std)
                 torch.manual_seed(cfg.seed * 1000 + step)  # new rows' init, the same on resume
                 if not simplex:
                     model.classifier.grow(len(classes))
             start = time.perf_counter()
-            train_task(
-                model, teacher, task_images, cfg, method, data.mean, data.std,
-                lr=cfg.lr_first if step == 0 else cfg.lr_later,
-                epochs=(cfg.epochs_first or cfg.epochs) if step == 0 else cfg.epochs,
-                seed=cfg.seed * 1000 + step, quiet=quiet, desc=f"{method} task {step + 1}",
-                influence=influence)
+            train_task(model, teacher, task, cfg, method, data.mean, data.std,
+                       lr=cfg.lr_first if step == 0 else cfg.lr_later,
+                       epochs=(cfg.epochs_first or cfg.epochs) if step == 0 else cfg.epochs,
+                       seed=cfg.seed * 1000 + step, quiet=quiet,
+                       desc=f"{method} task {step + 1}", influence=influence)
             seconds, m = time.perf_counter() - start, None
-        info = {"depth": cfg.depth, "n_classes": model.n_classes, "simplex": simplex,
-                "method": method, "task": step,
-                "identity": json.dumps(identity), "class_order": split.class_order,
-                "increments": split.increments, "seconds": seconds, **trained_on}
+        info = {"depth": cfg.depth, "n_classes": model.n_classes, "simplex": simplex, "task": step,
+                "method": method, "identity": json.dumps(identity), "seconds": seconds,
+                "class_order": split.class_order, "increments": split.increments, **trained_on}
         if ckpt is not None and source != ckpt:
             save_checkpoint(ckpt, model, {**info, "metrics": json.dumps(m)})  # before evaluating
         if m is None:

@@ -3,15 +3,9 @@
 Every test image can be a query; the gallery is all the *other* test images (leave-one-out, as
 in csdkit.metrics and the paper), ranked by cosine similarity of the features. Two models side
 by side (say fine-tuning and CSD after the last task) show what forgetting looks like for one
-query: an old-class query whose neighbours turned into new-class images.
-
-    explorer = RetrievalExplorer({"finetune": ft_model, "csd": csd_model}, data.test.images,
-                                 data.test.labels, data.mean, data.std, data.class_names)
-    explorer            # displays the controls, a summary and the image grid
-    explorer.query.value = 7; explorer.results["csd"]["ap"]
-
-Two halves: the ranking (`model_features`, `rank_query`: tensors in, plain dicts out) and the
-widget that shows it, drawn with matplotlib's object API (no stray pyplot figure in a cell).
+query: an old-class query whose neighbours turned into new-class images. Two halves: the
+ranking (`model_features`, `rank_query`: tensors in, plain dicts out) and the widget that shows
+it, drawn with matplotlib's object API (no stray pyplot figure in a cell).
 """
 
 from __future__ import annotations
@@ -110,11 +104,9 @@ class RetrievalExplorer:
     images: uint8 [N, 3, H, W]; labels: [N] ints indexing `class_names`; mean, std: the models'
     normalisation (None if every entry is features); k: neighbours shown (1..10); query,
     model_a, model_b: the initial selection (model_b: the second model, or "none" if only one).
-
     Widgets (CSS class for browser tests): query (csd-query), query_class (csd-class), model_a,
     model_b (csd-model-a, csd-model-b), k (csd-k), summary (csd-summary), image (csd-results);
-    `widget` is the whole VBox.
-    """
+    `widget` is the whole VBox."""
 
     def __init__(
         self, models: Mapping[str, nn.Module | torch.Tensor | np.ndarray], images: torch.Tensor,
@@ -177,10 +169,8 @@ class RetrievalExplorer:
         model_a: str | None = None, model_b: str | None = None, k: int | None = None,
     ) -> None:
         """Set several controls at once (one refresh), with ValueErrors for bad values.
-
         query_class jumps to the first image of that class, like the dropdown; give query or
-        query_class, not both.
-        """
+        query_class, not both."""
         require(query is None or query_class is None,
                 "give query or query_class, not both (query_class picks a query)")
         if query_class is not None:

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csdkit.models import resnet, simplex_vertices
+from csdkit.models import influence_classifier, resnet, simplex_vertices
 from csdkit.runs import load_checkpoint, run_grid
-from csdkit.train import Config, influence_classifier, loss_terms, method_terms, prepare, run
+from csdkit.train import Config, loss_terms, method_terms, prepare, run
 
 TINY = Config(n_tasks=2, epochs=2, batch_size=64, depth=8, seed=0)
 
