@@ -96,7 +96,7 @@ class Course:
 
     def features(self, model: ResNet, images: torch.Tensor, seed: int | None = None
                  ) -> torch.Tensor:
-        """Features [N, 64] of uint8 images [N, 3, H, W] (eval mode)."""
+        """Features [N, D] of uint8 images [N, 3, H, W] (eval mode)."""
         data = self.data(seed)[0]
         return extract(model, images, data.mean, data.std)[0]
 
@@ -145,8 +145,8 @@ class Course:
                    "first_task_final": R[-1, 0], "old_class_accuracy": r.old_accuracy[-1]}
             if method == "joint":
                 return out
-            first = self.parts(seed)["first"]
-            old = self.features(self.first_models((seed,))[0], first.images, seed)
+            first = self.parts(seed)["first"]  # `old`: the first model this run started from
+            old = self.features(self.model(method, seed, 0), first.images, seed)
             new = self.features(self.model(method, seed), first.images, seed)
             out.update(first_task_after_1=R[0, 0], drop=R[0, 0] - R[-1, 0],
                        new_task=float(np.mean(np.diag(R)[1:])),

@@ -251,9 +251,11 @@ def loss_terms(method: str, cfg: Config, logits: torch.Tensor, features: torch.T
         "ce": F.cross_entropy(logits, labels),
         "triplet": losses.triplet_loss(features, labels, margin=cfg.triplet_margin),
     }
+    wanted = method_terms(method)
+    if "bct" in wanted and influence_logits is not None:  # BCT, Eq. 3: new features must suit
+        terms["bct"] = F.cross_entropy(influence_logits, labels)  # the old classifier (no teacher)
     if teacher_logits is None:
         return terms
-    wanted = method_terms(method)
     if "kd" in wanted:
         old = teacher_logits.shape[1]  # KD on the old classes only
         terms["kd"] = losses.kd_loss(logits[:, :old], teacher_logits, T=cfg.kd_temperature)
@@ -264,8 +266,6 @@ def loss_terms(method: str, cfg: Config, logits: torch.Tensor, features: torch.T
                                        temperature=cfg.csd_temperature,
                                        variant=next(CSD_VARIANT[p] for p in method.split("+")
                                                     if p in CSD_VARIANT))
-    if "bct" in wanted:  # BCT, Eq. 3: the new features must suit the old classifier
-        terms["bct"] = F.cross_entropy(influence_logits, labels)
     return terms
 
 

@@ -73,9 +73,20 @@ def test_bct_term_is_cross_entropy_of_the_old_classifier_on_new_features():
     rows, feats, labels = torch.randn(6, 16), torch.randn(8, 16), torch.randint(3, 6, (8,))
     influence = feats @ F.normalize(rows, dim=1).t()  # cosine logits, as the classifier computes
     want = -torch.log_softmax(influence, 1)[torch.arange(8), labels].mean()
-    terms = loss_terms("bct", TINY, torch.randn(8, 6), feats, labels, torch.randn(8, 3),
-                       torch.randn(8, 16), influence)
+    # as train_task calls it for bct alone: no teacher forward, so no teacher outputs
+    terms = loss_terms("bct", TINY, torch.randn(8, 6), feats, labels, None, None, influence)
     assert set(terms) == {"ce", "triplet", "bct"} and torch.allclose(terms["bct"], want)
+
+
+def test_bct_trains_otherwise_than_finetune(tmp_path):
+    """Same seed, same first task: without its influence term bct would be fine-tuning, bit for
+    bit (a bug once made it so: the term needed a teacher that bct alone never builds)."""
+    ft, bct = run_grid([(TINY, "finetune"), (TINY, "bct")], tmp_path, workers=1)
+    assert ft.recall[0] == bct.recall[0]  # the shared first task
+    nets = {m: load_checkpoint(next(tmp_path.glob(f"*-{m}-seed*")) / "task1.pt")[0]
+            for m in ("finetune", "bct")}
+    params = [dict(n.named_parameters()) for n in nets.values()]
+    assert any(not torch.equal(params[0][k], params[1][k]) for k in params[0])
 
 
 @pytest.mark.parametrize("method, terms", [
