@@ -245,8 +245,9 @@ def loss_terms(method: str, cfg: Config, logits: torch.Tensor, features: torch.T
                teacher_features: torch.Tensor | None, influence_logits: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
     """The method's loss terms for one batch, unweighted. Shapes: logits [B, C_seen],
-    features [B, D], labels [B]; teacher outputs [B, C_old] and [B, D] or None on task 1;
-    influence_logits [B, C_seen]: the student's features through BCT's old classifier."""
+    features [B, D], labels [B]; teacher outputs [B, C_old] and [B, D], None on task 1 or with
+    nothing to distil; influence_logits [B, C_seen]: the student's features through BCT's old
+    classifier, None on task 1. Each term is computed from its own inputs."""
     terms = {
         "ce": F.cross_entropy(logits, labels),
         "triplet": losses.triplet_loss(features, labels, margin=cfg.triplet_margin),
