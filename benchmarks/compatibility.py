@@ -11,19 +11,21 @@ with a 95% t interval.
 """
 
 import argparse
-import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from csdkit import course, metrics
 from csdkit.report import t_interval
-from csdkit.runs import machine
+from csdkit.runs import machine, write_json
 
 METHODS = ["finetune", "fd", "csd_official", "bct", "simplex"]
 
 
-def rows(c: course.Course, method: str, seeds: tuple[int, ...]) -> dict[str, list[float]]:
+def rows(
+    c: course.Course, method: str, seeds: tuple[int, ...], results: list
+) -> dict[str, list[float]]:
     cols = {
         k: []
         for k in [
@@ -36,7 +38,7 @@ def rows(c: course.Course, method: str, seeds: tuple[int, ...]) -> dict[str, lis
             "pooled",
         ]
     }
-    for seed, result in zip(seeds, c.runs([method])[method], strict=True):
+    for seed, result in zip(seeds, results, strict=True):
         matrix = np.array(result.compatibility, dtype=float)
         facts = c.facts(method, seed)
         cols["AC"].append(metrics.average_compatibility(matrix))
@@ -56,8 +58,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     seeds = tuple(range(*args.seeds))
     c = course.setup(seeds=seeds, quiet=True)
-    c.runs(METHODS)
-    table = {m: rows(c, m, seeds) for m in METHODS}
+    runs = c.runs(METHODS)
+    table = {m: rows(c, m, seeds, runs[m]) for m in METHODS}
     print("| method | " + " | ".join(table["finetune"]) + " |")
     for m, cols in table.items():
         print(
@@ -80,15 +82,12 @@ if __name__ == "__main__":
                 f"{m} - finetune, {k}: {d.mean():+.3f}, 95% paired t [{lo:+.3f}, {hi:+.3f}], "
                 f"{int((d > 0).sum())}/{len(d)} seeds above 0"
             )
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "seeds": seeds,
-                "machine": machine(torch.device("cpu")),
-                "per_seed": table,
-                "paired_vs_finetune": paired,
-            },
-            f,
-            indent=1,
-            default=float,
-        )
+    write_json(
+        Path(args.out),
+        {
+            "seeds": seeds,
+            "machine": machine(torch.device("cpu")),
+            "per_seed": table,
+            "paired_vs_finetune": paired,
+        },
+    )
