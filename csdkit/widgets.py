@@ -3,7 +3,9 @@
 Every test image can be a query; the gallery is all the *other* test images (leave-one-out, as
 in csdkit.metrics and the paper), ranked by cosine similarity of the features. Two models side
 by side (say fine-tuning and CSD after the last task) show what forgetting looks like for one
-query: an old-class query whose neighbours turned into new-class images. Two halves: the
+query: an old-class query whose neighbours turned into new-class images. With a gallery
+control, each model's query searches another model's features of the other images instead (an
+old gallery that was never re-embedded: compatibility, notebook 08). Two halves: the
 ranking (`model_features`, `rank_query`: tensors in, plain dicts out) and the widget that shows
 it, drawn with matplotlib's object API (no stray pyplot figure in a cell).
 """
@@ -28,6 +30,7 @@ from csdkit import metrics, require
 from csdkit.models import extract
 
 NONE = "none"  # model B's "show one model only" choice
+OWN = "own"  # the gallery control's "each model searches its own features" choice
 MAX_K = 10  # the k slider's upper end: more thumbnails than this are too small to read
 RIGHT, WRONG, QUERY = "#1a9850", "#d73027", "#2166ac"  # border colours: green, red, blue
 
@@ -60,25 +63,29 @@ def model_features(models: Mapping[str, nn.Module | torch.Tensor | np.ndarray],
     return out
 
 
-def rank_query(features: torch.Tensor, labels: torch.Tensor, query: int, k: int) -> dict:
+def rank_query(features: torch.Tensor, labels: torch.Tensor, query: int, k: int,
+               gallery: torch.Tensor | None = None) -> dict:
     """Top-k of image `query` among all the others: one row of the leave-one-out evaluation.
-    features [N, D], labels [N]. Returns plain lists (indices, labels, scores: cosines to 6
-    digits, correct) of the top k, recall_at_1, ap (what metrics.mean_average_precision averages
-    over queries; nan if the query is alone in its class), margin and first_hit_rank."""
+    features [N, D], labels [N]; gallery [N, D]: the same images embedded by another model,
+    which the query (always from `features`) searches instead of its own model's. Returns plain
+    lists (indices, labels, scores: cosines to 6 digits, correct) of the top k, recall_at_1, ap
+    (what metrics.mean_average_precision averages over queries; nan if the query is alone in its
+    class), margin and first_hit_rank."""
     f, y = features, labels
+    g = f if gallery is None else gallery
     others = torch.cat([torch.arange(query), torch.arange(query + 1, len(y))])
-    scores, idx = metrics.retrieve(f[query : query + 1], f[others], k)  # [1, k] each
+    scores, idx = metrics.retrieve(f[query : query + 1], g[others], k)  # [1, k] each
     indices = others[idx[0]]
     correct = (y[indices] == y[query]).tolist()
     try:
         ap = metrics.mean_average_precision(f[query : query + 1], y[query : query + 1],
-                                            gallery=f[others], gallery_labels=y[others])
+                                            gallery=g[others], gallery_labels=y[others])
     except ValueError:  # the query is the only image of its class: AP is undefined
         ap = float("nan")
     # Pooled post-ReLU features are all >= 0, so every cosine is high (0.9 and up) for right
     # and wrong neighbours alike. What decides retrieval is the gap between them: the margin
     # of the best same-class image over the best other-class one (> 0: R@1 hit).
-    sim = F.normalize(f[others].float(), dim=1) @ F.normalize(f[query].float(), dim=0)
+    sim = F.normalize(g[others].float(), dim=1) @ F.normalize(f[query].float(), dim=0)
     same = y[others] == y[query]
     best = sim[same].max() if same.any() else None
     return {
@@ -104,17 +111,24 @@ class RetrievalExplorer:
     images: uint8 [N, 3, H, W]; labels: [N] ints indexing `class_names`; mean, std: the models'
     normalisation (None if every entry is features); k: neighbours shown (1..10); query,
     model_a, model_b: the initial selection (model_b: the second model, or "none" if only one).
+    gallery_control: add a gallery dropdown (every model's features must then have one width):
+    "own", or the model whose features of the other images every shown query searches.
     Widgets (CSS class for browser tests): query (csd-query), query_class (csd-class), model_a,
-    model_b (csd-model-a, csd-model-b), k (csd-k), summary (csd-summary), image (csd-results);
-    `widget` is the whole VBox."""
+    model_b (csd-model-a, csd-model-b), gallery (csd-gallery; None without gallery_control),
+    k (csd-k), summary (csd-summary), image (csd-results); `widget` is the whole VBox."""
 
     def __init__(
         self, models: Mapping[str, nn.Module | torch.Tensor | np.ndarray], images: torch.Tensor,
         labels: Any, mean: Any, std: Any, class_names: list[str], k: int = 5, *, query: int = 0,
         model_a: str | None = None, model_b: str | None = None, min_pixels: int = 64,
+        gallery_control: bool = False,
     ) -> None:
         self.images, self.labels, self.class_names = _check_data(images, labels, class_names)
         self.features = model_features(models, self.images, mean, std)
+        widths = {name: f.shape[1] for name, f in self.features.items()}
+        require(not gallery_control or len(set(widths.values())) == 1, "gallery_control needs "
+                f"features of one width, to search each other's gallery; got {widths}")
+        self._cells: dict[tuple[str, str], float] = {}  # (query model, gallery) -> R@1, memo
         self.min_pixels = min_pixels
         n, names = len(self.labels), list(self.features)
         self.max_k = min(MAX_K, n - 1)  # a query can retrieve at most the n - 1 other images
@@ -131,12 +145,15 @@ class RetrievalExplorer:
                                 options=[NONE, *names])
         self.k = _control(widgets.IntSlider, "k", "csd-k", "260px", min=1, max=self.max_k,
                           continuous_update=False)
+        self.gallery = _control(widgets.Dropdown, "gallery", "csd-gallery", "300px",
+                                options=[OWN, *names]) if gallery_control else None
         self.summary = widgets.HTML()
         self.summary.add_class("csd-summary")
         self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         self.image.add_class("csd-results")
         self.widget = widgets.VBox([widgets.HBox([self.query, self.query_class]),
                                     widgets.HBox([self.model_a, self.model_b, self.k]),
+                                    *([self.gallery] if self.gallery else []),
                                     self.summary, self.image])
         self.widget.add_class("csd-explorer")
 
@@ -144,8 +161,9 @@ class RetrievalExplorer:
         self._syncing = False  # True while we move a widget ourselves: observers stand back
         self.query.observe(self._on_query, names="value")
         self.query_class.observe(self._on_class, names="value")
-        for w in (self.model_a, self.model_b, self.k):
-            w.observe(self._on_change, names="value")
+        for w in (self.model_a, self.model_b, self.k, self.gallery):
+            if w is not None:
+                w.observe(self._on_change, names="value")
         default_b = names[1] if len(names) > 1 else NONE  # one model: shown alone
         self.select(query, None, names[0] if model_a is None else model_a,
                     default_b if model_b is None else model_b, k)
@@ -156,17 +174,35 @@ class RetrievalExplorer:
         a, b = self.model_a.value, self.model_b.value
         return [a] if b in (NONE, a) else [a, b]
 
+    def gallery_of(self, model: str) -> str:
+        """Whose features of the other images `model`'s query searches now."""
+        return model if self.gallery is None or self.gallery.value == OWN else self.gallery.value
+
+    def recall_in_gallery(self, model: str, gallery: str) -> float:
+        """R@1 of every image as a query of `model` in `gallery`'s features of the others: the
+        compatibility matrix's cell for that pair (metrics.compatibility_matrix), memoised."""
+        key = (model, gallery)
+        if key not in self._cells:
+            self._cells[key] = metrics.recall_at_k(self.features[model], self.labels,
+                                                   gallery=self.features[gallery])
+        return self._cells[key]
+
     def refresh(self) -> None:
         """Recompute `results`, the summary and the image for the current widget values."""
         q, k = self.query.value, self.k.value
-        self.results = {m: rank_query(self.features[m], self.labels, q, k)
-                        for m in self.shown_models}
+        self.results = {}
+        for m in self.shown_models:
+            g = self.gallery_of(m)
+            self.results[m] = {**rank_query(self.features[m], self.labels, q, k,
+                                            gallery=self.features[g]),
+                               "gallery": g, "recall_all": self.recall_in_gallery(m, g)}
         self.summary.value = _summary_html(self.results, q, k, self.labels, self.class_names)
         self.image.value = self.render_png()
 
     def select(
         self, query: int | None = None, query_class: int | None = None,
         model_a: str | None = None, model_b: str | None = None, k: int | None = None,
+        gallery: str | None = None,
     ) -> None:
         """Set several controls at once (one refresh), with ValueErrors for bad values.
         query_class jumps to the first image of that class, like the dropdown; give query or
@@ -176,7 +212,9 @@ class RetrievalExplorer:
         if query_class is not None:
             _check_in("query_class", query_class, list(self.first_of_class))
             query = self.first_of_class[query_class]
-        given = dict(query=query, model_a=model_a, model_b=model_b, k=k)
+        require(gallery is None or self.gallery is not None,
+                "this explorer has no gallery control: build it with gallery_control=True")
+        given = dict(query=query, model_a=model_a, model_b=model_b, k=k, gallery=gallery)
         moves = {name: v for name, v in given.items() if v is not None}
         # check every value before any widget moves, so that a bad one changes nothing
         for name, v in moves.items():
@@ -233,7 +271,8 @@ class RetrievalExplorer:
             hit = "R@1 hit" if r["recall_at_1"] else "R@1 miss"
             hit += "" if math.isnan(r["margin"]) else f"\nmargin {r['margin']:+.3f}"
             _show(row[0], self._thumbnail(q), f"query {q}\n{names[int(self.labels[q])]}", QUERY)
-            row[0].set_ylabel(f"{name}\n{hit}, {ap}", fontsize=8)
+            where = "" if r["gallery"] == name else f"\nin {r['gallery']}'s gallery"
+            row[0].set_ylabel(f"{name}{where}\n{hit}, {ap}", fontsize=8)
             for ax, i, lab, ok, s in zip(row[1:], r["indices"], r["labels"], r["correct"],
                                          r["scores"], strict=True):
                 _show(ax, self._thumbnail(i), f"{'✓' if ok else '✗'} {names[lab]}\n{s:.2f}",
@@ -268,19 +307,23 @@ def _summary_html(results: dict, q: int, k: int, labels: torch.Tensor, names: li
         ids = ",".join(map(str, r["labels"]))
         ap = "n/a" if math.isnan(r["ap"]) else f"{r['ap']:.3f}"
         margin = "n/a" if math.isnan(r["margin"]) else f"{r['margin']:+.3f}"
-        rows.append(f'<tr class="csd-row" data-model="{e(model)}" data-labels="{ids}">'
-                    f'<td>{e(model)}</td><td>{hits}</td><td class="csd-labels">{ids}</td>'
+        rows.append(f'<tr class="csd-row" data-model="{e(model)}" data-labels="{ids}" '
+                    f'data-gallery="{e(r["gallery"])}"><td>{e(model)}</td>'
+                    f'<td>{e(r["gallery"])}</td><td>{hits}</td><td class="csd-labels">{ids}</td>'
                     f"<td>{'hit' if r['recall_at_1'] else 'miss'}</td><td>{ap}</td>"
-                    f"<td>{margin}</td><td>{r['first_hit_rank'] or 'n/a'}</td></tr>")
+                    f"<td>{margin}</td><td>{r['first_hit_rank'] or 'n/a'}</td>"
+                    f'<td class="csd-cell">{r["recall_all"]:.3f}</td></tr>')
     return (
         "<style>.csd-summary-text td, .csd-summary-text th "
         "{padding: 2px 10px; text-align: left}</style>"
         f'<div class="csd-summary-text" data-query="{q}" data-class="{y}" data-k="{k}">'
         f'<p>Query <b class="csd-query-index">{q}</b>: label {y}, class '
         f"<b>{e(names[y])}</b>. Gallery: the other {len(labels) - 1} "
-        f"test images, by cosine similarity; the top {k} are shown.</p>"
-        "<table><tr><th>model</th><th>top-k: class ✓/✗ cosine</th><th>label ids</th>"
-        "<th>R@1</th><th>AP</th><th>margin</th><th>first ✓ at rank</th></tr>"
+        f"test images, by cosine similarity; the top {k} are shown. The last column is R@1 "
+        "over every query of that model in that gallery.</p>"
+        "<table><tr><th>query model</th><th>gallery</th><th>top-k: class ✓/✗ cosine</th>"
+        "<th>label ids</th><th>R@1</th><th>AP</th><th>margin</th><th>first ✓ at rank</th>"
+        "<th>R@1, all queries</th></tr>"
         + "".join(rows) + "</table><p>All cosines are high because the features are "
         "non-negative (averaged after a ReLU); the margin tells right from wrong: the "
         "cosine of the nearest same-class image minus that of the nearest other-class "

@@ -325,3 +325,70 @@ def test_k_is_capped_by_the_gallery_size():
     assert e.k.max == 3
     with pytest.raises(ValueError, match=r"\[1, 3\]"):
         e.select(k=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the gallery control: one model's queries in another model's gallery (compatibility)
+
+
+def oracle_cross_topk(fq: np.ndarray, fg: np.ndarray, q: int, k: int) -> list[int]:
+    """Query q embedded by one model against the other images embedded by another."""
+    fq = fq / np.linalg.norm(fq, axis=1, keepdims=True)
+    fg = fg / np.linalg.norm(fg, axis=1, keepdims=True)
+    sim = fg @ fq[q]
+    sim[q] = -np.inf
+    return np.argsort(-sim)[:k].tolist()
+
+
+def oracle_cross_recall(fq: np.ndarray, fg: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean([labels[oracle_cross_topk(fq, fg, q, 1)[0]] == labels[q]
+                          for q in range(len(labels))]))
+
+
+def test_gallery_control_searches_the_chosen_models_gallery(data):
+    images, labels, feats = data
+    e = RetrievalExplorer(feats, images, labels, None, None, NAMES, k=4, gallery_control=True)
+    assert e.gallery.options == ("own", "model x", "model y")
+    e.select(query=7, model_a="model x", model_b="model y", gallery="model y")
+    y = labels.numpy()
+    for m in ("model x", "model y"):
+        r = e.results[m]
+        assert r["gallery"] == "model y"
+        assert r["indices"] == oracle_cross_topk(feats[m], feats["model y"], 7, 4)
+        assert r["recall_all"] == pytest.approx(oracle_cross_recall(feats[m], feats["model y"], y))
+    # the matrix cell is metrics.compatibility_matrix's: row = query model, column = gallery
+    M = metrics.compatibility_matrix([feats["model y"], feats["model x"]], labels)
+    assert e.results["model x"]["recall_all"] == pytest.approx(M[1, 0].item())
+    assert 'data-gallery="model y"' in e.summary.value
+    # "own": each model in its own gallery, as without the control
+    e.select(gallery="own")
+    plain = RetrievalExplorer(feats, images, labels, None, None, NAMES, k=4)
+    plain.select(query=7)
+    for m in ("model x", "model y"):
+        assert e.results[m]["gallery"] == m
+        assert e.results[m]["indices"] == plain.results[m]["indices"] == oracle_topk(
+            feats[m], 7, 4)
+        assert e.results[m]["recall_all"] == pytest.approx(metrics.recall_at_k(feats[m], labels))
+
+
+def test_gallery_control_follows_the_dropdown(data):
+    images, labels, feats = data
+    e = RetrievalExplorer(feats, images, labels, None, None, NAMES, k=3, gallery_control=True,
+                          query=5, model_b="none")
+    e.gallery.value = "model y"  # as a user would: the observer refreshes
+    assert e.results["model x"]["indices"] == oracle_cross_topk(feats["model x"],
+                                                                feats["model y"], 5, 3)
+
+
+def test_gallery_control_refuses_bad_input(data):
+    images, labels, feats = data
+    with pytest.raises(ValueError, match="one width"):
+        RetrievalExplorer({**feats, "wide": np.ones((N, D + 1))}, images, labels, None, None,
+                          NAMES, gallery_control=True)
+    e = RetrievalExplorer(feats, images, labels, None, None, NAMES)
+    assert e.gallery is None
+    with pytest.raises(ValueError, match="gallery_control=True"):
+        e.select(gallery="model y")
+    e = RetrievalExplorer(feats, images, labels, None, None, NAMES, gallery_control=True)
+    with pytest.raises(ValueError, match="unknown gallery 'nope'"):
+        e.select(gallery="nope")
