@@ -1,65 +1,93 @@
-"""Compatibility of every method on held-out seeds: the table notebook 08 will be built on.
+"""Compatibility of every method on held-out seeds: the table notebook 08's claims rest on.
 
     python benchmarks/compatibility.py --seeds 100 120 \
         --out benchmarks/results/compatibility-heldout.json
+    python benchmarks/compatibility.py --calibrate benchmarks/results/compatibility-heldout.json
 
 Course protocol, task 1's test images (the matrix every run stores, `RunResult.compatibility`).
 Per method, mean ± sd over the seeds: AC, AM, the mean diagonal (each model in its own gallery),
 the mean below the diagonal, the final model searching the first model's gallery, the final model
 in its own gallery (task 1), pooled R@1; then each method minus fine-tuning, paired by seed,
-with a 95% t interval.
+with a 95% t interval. --calibrate measures notebook 08's claims (course.CLAIMS, measured from
+the stored per-seed values) on every 3-seed subset of the file's seeds, as
+benchmarks/calibrate_claims.py does for 01-06: the thresholds were set from it by that script's
+rule (a round value at or beyond mean - 3 sd, "at most" mirrored).
 """
 
 import argparse
+import itertools
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from csdkit import course, metrics
+from csdkit import course
 from csdkit.report import t_interval
 from csdkit.runs import machine, write_json
 
-METHODS = ["finetune", "fd", "csd_official", "bct", "simplex"]
+METHODS = course.COMPATIBILITY
+# column of the table -> the key of Course.facts it is read from
+KEYS = {"AC": "AC", "AM": "AM", "diagonal": "diagonal", "below_diagonal": "below_diagonal",
+        "final_in_first_gallery": "old_gallery_R1", "final_in_own_gallery": "first_task_final",
+        "pooled": "pooled"}
 
 
-def rows(
-    c: course.Course, method: str, seeds: tuple[int, ...], results: list
-) -> dict[str, list[float]]:
-    cols = {
-        k: []
-        for k in [
-            "AC",
-            "AM",
-            "diagonal",
-            "below_diagonal",
-            "final_in_first_gallery",
-            "final_in_own_gallery",
-            "pooled",
-        ]
-    }
-    for seed, result in zip(seeds, results, strict=True):
-        matrix = np.array(result.compatibility, dtype=float)
-        facts = c.facts(method, seed)
-        cols["AC"].append(metrics.average_compatibility(matrix))
-        cols["AM"].append(metrics.average_multimodel_accuracy(matrix))
-        cols["diagonal"].append(float(np.diag(matrix).mean()))
-        cols["below_diagonal"].append(float(matrix[np.tril_indices(len(matrix), -1)].mean()))
-        cols["final_in_first_gallery"].append(facts["old_gallery_R1"])
-        cols["final_in_own_gallery"].append(facts["first_task_final"])
-        cols["pooled"].append(facts["pooled"])
-    return cols
+def rows(c: course.Course, method: str, seeds: tuple[int, ...]) -> dict[str, list[float]]:
+    """column -> the value per seed (trains the runs if need be)."""
+    return {col: [c.facts(method, s)[key] for s in seeds] for col, key in KEYS.items()}
+
+
+class Stored:
+    """Stands in for a course.Course in a claim's measurement: facts from a results file."""
+
+    def __init__(self, results: dict) -> None:
+        self.seeds, self.per_seed = list(results["seeds"]), results["per_seed"]
+
+    def facts(self, method: str, seed: int) -> dict[str, float]:
+        i = self.seeds.index(seed)
+        return {key: self.per_seed[method][col][i] for col, key in KEYS.items()}
+
+
+def calibrate(path: Path) -> None:
+    """Measure notebook 08's claims (course.CLAIMS) on every 3-seed subset of the results
+    file's seeds; store the table in the file (key "claims_08")."""
+    results = json.loads(path.read_text())
+    stored, table = Stored(results), []
+    subsets = list(itertools.combinations(stored.seeds, len(course.SEEDS)))
+    print("| claim | threshold | mean ± sd over subsets | margin (sd) | fails on |")
+    print("|---|---|---|---|---|")
+    for name, claim in course.CLAIMS.items():
+        if claim.notebook != "08":
+            continue
+        values = np.array([claim.measure(stored, subset) for subset in subsets])
+        sign = -1 if claim.at_most else 1
+        sd = float(values.std(ddof=1))
+        row = {"claim": name, "statement": claim.statement, "threshold": claim.threshold,
+               "at_most": claim.at_most, "mean": float(values.mean()), "sd": sd,
+               "margin_sd": sign * (values.mean() - claim.threshold) / sd if sd > 0 else None,
+               "fails_on": float(np.mean([not claim.holds(v) for v in values])),
+               "subsets": len(subsets)}
+        table.append(row)
+        margin = "∞ (sd 0)" if row["margin_sd"] is None else f"{row['margin_sd']:.1f}"
+        print(f"| {name} | {'at most' if claim.at_most else 'at least'} {claim.threshold:g} | "
+              f"{row['mean']:.3f} ± {sd:.3f} | {margin} | {100 * row['fails_on']:.1f}% |")
+    write_json(path, {**results, "claims_08": table})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs=2, default=(100, 120), metavar=("FROM", "TO"))
     parser.add_argument("--out", default="runs/compatibility.json")
+    parser.add_argument("--calibrate", type=Path, metavar="JSON",
+                        help="measure notebook 08's claims on a results file's seeds, in place")
     args = parser.parse_args()
+    if args.calibrate:
+        raise SystemExit(calibrate(args.calibrate))
     seeds = tuple(range(*args.seeds))
     c = course.setup(seeds=seeds, quiet=True)
-    runs = c.runs(METHODS)
-    table = {m: rows(c, m, seeds, runs[m]) for m in METHODS}
+    c.runs(METHODS)  # train what the cache lacks, two workers at a time
+    table = {m: rows(c, m, seeds) for m in METHODS}
     print("| method | " + " | ".join(table["finetune"]) + " |")
     for m, cols in table.items():
         print(

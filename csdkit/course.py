@@ -137,7 +137,8 @@ class Course:
     def facts(self, method: str, seed: int) -> dict[str, float]:
         """A run's numbers: from its task matrix (new_task: its diagonal over tasks 2..T;
         old_tasks_final: tasks 1..T-1 at the end), task 1's drift (drift_ratio), the final
-        model's R@1 in the first model's gallery, and `_old_classes`."""
+        model's R@1 in the first model's gallery, its compatibility matrix's AC, AM, mean
+        diagonal and mean below the diagonal (task 1's test images), and `_old_classes`."""
         def compute() -> dict[str, float]:
             r = self.runs([method], (seed,))[method][0]
             R = np.asarray(r.recall, dtype=float)
@@ -148,6 +149,10 @@ class Course:
             first = self.parts(seed)["first"]  # `old`: the first model this run started from
             old = self.features(self.model(method, seed, 0), first.images, seed)
             new = self.features(self.model(method, seed), first.images, seed)
+            M = np.asarray(r.compatibility, dtype=float)
+            out.update(AC=metrics.average_compatibility(M),
+                       AM=metrics.average_multimodel_accuracy(M), diagonal=float(np.diag(M).mean()),
+                       below_diagonal=float(M[np.tril_indices(len(M), -1)].mean()))
             out.update(first_task_after_1=R[0, 0], drop=R[0, 0] - R[-1, 0],
                        new_task=float(np.mean(np.diag(R)[1:])),
                        old_tasks_final=float(np.mean(R[-1, :-1])),
@@ -215,6 +220,8 @@ class Course:
 #: What the course trains (notebooks 03-06).
 METHODS = ["finetune", "lwf", "fd", "csd", "csd_official", "joint"]
 DISTILLERS = ["lwf", "fd", "csd", "csd_official"]
+#: What notebook 08 compares: two distillers and the two methods built for compatibility.
+COMPATIBILITY = ["finetune", "fd", "csd_official", "bct", "simplex"]
 
 
 @dataclass(frozen=True)
@@ -412,6 +419,38 @@ CLAIMS: dict[str, Claim] = {
               "misses than the reverse (one-sided sign test p < 0.1; about these models on "
               "these test fonts, not about the method)",
         lambda c, seeds: float(-np.log10(sign_test(c, "fd", "finetune", seeds)[2])), 1.0),
+    # 08: compatibility (calibrated on benchmarks/results/compatibility-heldout.json's seeds)
+    "no_update_compatible": Claim(
+        "08", "no method makes an update compatible by BCT's criterion: AC is at most 0.05 for "
+              "every method, on average",
+        lambda c, seeds: max(seed_mean(seeds, lambda s, m=m: c.facts(m, s)["AC"])
+                             for m in COMPATIBILITY), 0.05, at_most=True),
+    "old_gallery_lost_all": Claim(
+        "08", "the methods built for compatibility do not keep the old gallery either: every "
+              "final model's task-1 R@1 in the first model's gallery is at least 0.25 below "
+              "its R@1 in its own gallery, on average",
+        lambda c, seeds: min(seed_mean(seeds, lambda s, m=m: c.facts(m, s)["first_task_final"] -
+                                       c.facts(m, s)["old_gallery_R1"])
+                             for m in COMPATIBILITY), 0.25),
+    "bct_below_beats_ft": Claim(
+        "08", "BCT makes new models search old galleries better than fine-tuning does: its mean "
+              "below the diagonal is at least 0.05 higher, on average",
+        lambda c, seeds: seed_mean(seeds, difference(c, "bct", "finetune", "below_diagonal")),
+        0.05),
+    "bct_pays_little": Claim(
+        "08", "and pays almost nothing for it in its own retrieval: its mean diagonal is at most "
+              "0.01 below fine-tuning's, on average",
+        lambda c, seeds: seed_mean(seeds, difference(c, "finetune", "bct", "diagonal")), 0.01,
+        at_most=True),
+    "simplex_no_gain": Claim(
+        "08", "the fixed simplex classifier does not raise compatibility here: its mean below "
+              "the diagonal is at most 0.02 above fine-tuning's, on average",
+        lambda c, seeds: seed_mean(seeds, difference(c, "simplex", "finetune", "below_diagonal")),
+        0.02, at_most=True),
+    "fd_no_tradeoff": Claim(
+        "08", "no trade-off for FD: its own retrieval (mean diagonal) is at least 0.04 above "
+              "fine-tuning's too, on average",
+        lambda c, seeds: seed_mean(seeds, difference(c, "fd", "finetune", "diagonal")), 0.04),
 }
 
 
@@ -484,6 +523,11 @@ EXERCISES: dict[str, Exercise] = {
         ("worse", "better"), "better", 0.15,
         lambda c, s: c.runs(["fd"], (s,))["fd"][0].compatibility[1][0] -
         c.runs(["fd"], (s,))["fd"][0].compatibility[-1][0], lambda c: c.runs(["fd"])),
+    "ex08_fd_or_bct": Exercise(
+        "08", "FD's mean below the diagonal (old galleries searched) minus BCT's",
+        ("lower", "higher"), "higher", 0.2,
+        lambda c, s: c.facts("fd", s)["below_diagonal"] - c.facts("bct", s)["below_diagonal"],
+        lambda c: c.runs(["fd", "bct"])),
 }
 CLAIMS.update({name: ex.claim() for name, ex in EXERCISES.items()})
 
