@@ -13,6 +13,8 @@ tested on.
     python benchmarks/tune.py plasticity   # glyphs: the later-task training that serves
                                            # learning (PLASTICITY_RULE), then each method's own
                                            # best rate at those epochs
+    python benchmarks/tune.py compatibility   # glyphs: BCT's weight and the most compatible
+                                              # combination (COMPAT_RULE)
 
 PLASTICITY_RULE (stated before any run of it): on the course data (glyphs, 12 px, 5 tasks of 8
 letters, first task 12 epochs at 1e-3), fine-tuning trains every later task at each rate in
@@ -24,6 +26,16 @@ lowest rate. Forgetting plays no part in the choice: it is measured afterwards. 
 chosen epochs, every distilling method trains at every rate, and each method's own best rate is
 the one with the best validation pooled R@1 after the last task (ties within 0.005: the lower
 rate), fine-tuning's included.
+
+COMPAT_RULE (stated before any run of it): the course protocol, tuning seeds 100-102, task 1's
+letters in the validation fonts. A run's score is the mean below the diagonal of its
+compatibility matrix on those images (new models searching old galleries); the mean diagonal
+(each model in its own gallery) is reported beside it and plays no part in the choice. BCT's
+weight w_bct is chosen from {0.3, 1, 3, 10}: the best mean score over the seeds, ties within
+0.005 going to the smaller weight. The simplex has no weight of its own. Then the most compatible
+method: the best mean score among fd, csd_official, bct (at its chosen weight), simplex, bct+fd
+(at that weight) and simplex+fd, FD's weight at its default; ties within 0.005 go to the method
+listed first.
 
 Writes benchmarks/results/tune-<preset>.json (refused if it exists: pass --out). Runs are
 cached in runs/cache/ and resumed if the script is interrupted. The course preset was chosen
@@ -149,10 +161,59 @@ def plasticity(a: argparse.Namespace, out: Path) -> None:
     print(f"wrote {out}")
 
 
+W_BCT = [0.3, 1.0, 3.0, 10.0]
+
+
+def val_compatibility(c, method: str, seed: int) -> dict:
+    """Mean below the diagonal and mean diagonal of a run's compatibility matrix on task 1's
+    letters in the validation fonts (every task's checkpoint of the run)."""
+    from csdkit import metrics
+
+    data, split = c.data(seed)
+    val = data.val.of_classes(split.classes(0))
+    feats = [c.features(c.model(method, seed, t), val.images, seed) for t in range(split.n_tasks)]
+    M = metrics.compatibility_matrix(feats, val.labels).numpy()
+    return {"below": float(M[np.tril_indices(len(M), -1)].mean()),
+            "diagonal": float(np.diag(M).mean())}
+
+
+def compatibility(a: argparse.Namespace, out: Path) -> None:
+    from csdkit import course
+
+    c, start = course.setup(seeds=tuple(a.seeds), quiet=True), time.perf_counter()
+
+    def score(method: str, **change) -> dict:
+        changed = c.replace(**change)
+        changed.runs([method])
+        per_seed = {s: val_compatibility(changed, method, s) for s in a.seeds}
+        return {"method": method, **change, "seeds": per_seed,
+                **{k: float(np.mean([v[k] for v in per_seed.values()]))
+                   for k in ("below", "diagonal")}}
+
+    weights = [score("bct", w_bct=w) for w in W_BCT]
+    top = max(s["below"] for s in weights)
+    w = min(s["w_bct"] for s in weights if s["below"] >= top - TIE)
+    chosen_bct = next(s for s in weights if s["w_bct"] == w)
+    candidates = [score("fd"), score("csd_official"), chosen_bct, score("simplex"),
+                  score("bct+fd", w_bct=w), score("simplex+fd")]
+    top = max(s["below"] for s in candidates)
+    most = next(s for s in candidates if s["below"] >= top - TIE)
+    for s in weights + candidates:
+        print(f"{s['method']:>12} {'w_bct=' + str(s['w_bct']) if 'w_bct' in s else '':<10} "
+              f"validation below the diagonal {s['below']:.3f}, diagonal {s['diagonal']:.3f}")
+    print(f"chosen: w_bct={w:g}; most compatible: {most['method']}")
+    write_json(out, {"rule": __doc__[__doc__.index("COMPAT_RULE"):__doc__.index("Writes")],
+                     "tuning_seeds": a.seeds, "bct_weights": weights, "candidates": candidates,
+                     "chosen_w_bct": w, "most_compatible": most["method"],
+                     "wall_seconds": time.perf_counter() - start, "torch": torch.__version__,
+                     "machine": machine(torch.device("cpu")), "workers": a.workers})
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("preset", choices=["quick", "course", "plasticity"])
+    p.add_argument("preset", choices=["quick", "course", "plasticity", "compatibility"])
     p.add_argument("--lr-later", type=float, nargs="+")
     p.add_argument("--epochs", type=int, nargs="+")
     p.add_argument("--image-size", type=int, help="override the preset's image size")
@@ -165,9 +226,9 @@ def main() -> None:
     a = p.parse_args()
     out = refuse_existing(a.out or RESULTS / f"tune-{a.preset}.json")
     torch.set_num_threads(1)
-    if a.preset == "plasticity":
+    if a.preset in ("plasticity", "compatibility"):
         a.seeds = a.seeds or [100, 101, 102]
-        return plasticity(a, out)
+        return plasticity(a, out) if a.preset == "plasticity" else compatibility(a, out)
     a.seeds = a.seeds or [100, 101]
     base = preset(a.preset)
     if a.image_size:

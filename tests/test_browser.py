@@ -49,7 +49,7 @@ NOTEBOOKS = ROOT / "notebooks"
 SHOTS = ROOT / "runs" / "screenshots"
 CHROMIUM = os.environ.get("CSD_CHROMIUM", "/usr/bin/chromium")
 # the first of these that builds an explorer wins (see the module docstring)
-PREFERRED = ["02_first_task.ipynb", "06_comparison.ipynb"]
+PREFERRED = ["08_compatibility.ipynb", "02_first_task.ipynb", "06_comparison.ipynb"]
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -298,6 +298,7 @@ ERRORS_JS = """() => Array.from(document.querySelectorAll(
 STATE_JS = """(box) => {
     const text = s => { const e = box.querySelector(s); return e ? e.textContent.trim() : null; };
     const sel = box.querySelector('.csd-class select');
+    const gallery = box.querySelector('.csd-gallery select');
     const summary = box.querySelector('.csd-summary .csd-summary-text');
     const img = box.querySelector('.csd-results img') || box.querySelector('img.csd-results');
     return {
@@ -307,11 +308,13 @@ STATE_JS = """(box) => {
         readout: text('.csd-query .widget-readout'),
         classLabel: sel && sel.selectedIndex >= 0 ? sel.options[sel.selectedIndex].text : null,
         classOptions: sel ? Array.from(sel.options, o => o.text) : [],
+        galleryOptions: gallery ? Array.from(gallery.options, o => o.text) : [],
         src: img ? img.getAttribute('src') || '' : null,
         imgWidth: img ? img.naturalWidth : 0,
         rows: Array.from(box.querySelectorAll('.csd-summary tr.csd-row'), r => ({
             model: r.dataset.model,
             labels: r.dataset.labels,
+            gallery: r.dataset.gallery,
             labelsText: (r.querySelector('td.csd-labels') || {}).textContent,
             cells: Array.from(r.querySelectorAll('td'), d => d.textContent),
         })),
@@ -446,6 +449,28 @@ def test_retrieval_explorer_in_jupyterlab(workdir, lab, page):
         assert back["dataClass"] == before["dataClass"]
         assert _labels(back) == _labels(before), (before, back)
         box.screenshot(path=f"{shot}-3-query-typed.png")
+
+        # 3. the gallery control, where the explorer has one (notebook 08): every shown model's
+        # query searches the chosen model's gallery, then each its own again
+        if back["galleryOptions"]:
+            chosen = next(o for o in back["galleryOptions"]
+                          if o not in ("own", back["rows"][0]["gallery"]))
+
+            def searching(gallery_of):  # the state once every row searches gallery_of(row)
+                s = state()
+                ok = all(r["gallery"] == gallery_of(r) for r in s["rows"]) and s["imgWidth"]
+                return ok and s
+
+            box.locator(".csd-gallery select").select_option(label=chosen)
+            moved = _wait(f"every row to search {chosen!r}'s gallery",
+                          lambda: searching(lambda r: chosen), UPDATE_S, lab)
+            check_consistent(moved)
+            box.screenshot(path=f"{shot}-4-gallery.png")
+            box.locator(".csd-gallery select").select_option(label="own")
+            own = _wait("every row to search its own gallery",
+                        lambda: searching(lambda r: r["model"]), UPDATE_S, lab)
+            check_consistent(own)
+            assert own["query"] == back["query"], (back, own)
         page.screenshot(path=f"{shot}-page.png")
         # nothing in the page went wrong on the way (a traceback from an observer, say), and
         # the keys typed went to the readout, not to notebook shortcuts (no cell added/changed)
