@@ -162,6 +162,23 @@ class Course:
             return out
         return self._cached(("facts", method, seed), compute)
 
+    def agreement(self, method: str, seed: int) -> dict[str, float]:
+        """How closely each later model (student) reproduces the model before it (teacher):
+        the mean cosine between their features of the same test image, on the new task's
+        classes (what a distiller is trained on) and on the classes seen before it, averaged
+        over tasks 2..T."""
+        def compute() -> dict[str, float]:
+            data, split = self.data(seed)
+            out = {"new": [], "old": []}
+            for t in range(1, split.n_tasks):
+                teacher, student = (self.model(method, seed, i) for i in (t - 1, t))
+                for part, images in (("new", data.test.of_classes(split.classes(t))),
+                                     ("old", data.test.of_classes(range(split.seen(t - 1))))):
+                    f_t, f_s = (self.features(m, images.images, seed) for m in (teacher, student))
+                    out[part].append(torch.cosine_similarity(f_t, f_s, dim=1).mean().item())
+            return {part: float(np.mean(v)) for part, v in out.items()}
+        return self._cached(("agreement", method, seed), compute)
+
     def _old_classes(self, method: str, seed: int) -> dict[str, float]:
         """The final model on the old tasks' test images, classification beside retrieval:
         task-agnostic (argmax over every seen class; R@1 among every seen class's images) and

@@ -209,7 +209,7 @@ def test_every_claim_names_its_notebook_and_measures_a_number(tiny):
     for name, spec in CLAIMS.items():
         value = spec.measure(tiny, tiny.seeds)
         assert isinstance(value, float) and math.isfinite(value), name
-        assert spec.notebook in {"01", "02", "03", "04", "05", "06"}, name
+        assert spec.notebook in {"01", "02", "03", "04", "05", "06", "08"}, name
 
 
 def test_a_later_task_setting_keeps_every_first_task_view_working(tiny, monkeypatch):
@@ -317,3 +317,34 @@ def test_predict_then_test_judges_by_the_calibrated_finding_and_shows_the_interv
     predict_then_test("smaller", toy, "toy")
     assert "too close to call on these seeds" in capsys.readouterr().out
     assert course.CLAIMS["ex03_fewer_epochs"].notebook == "03"  # every exercise is a claim too
+
+
+def test_compatibility_facts_match_loops_over_the_stored_matrix(tiny):
+    """AC (ties compatible), AM, mean diagonal and mean below it, by hand from the matrix."""
+    M = np.array(tiny.runs(["fd"], (0,))["fd"][0].compatibility, dtype=float)
+    T = len(M)
+    below = [M[i, j] for i in range(T) for j in range(i)]
+    facts = tiny.facts("fd", 0)
+    assert facts["below_diagonal"] == pytest.approx(sum(below) / len(below))
+    assert facts["diagonal"] == pytest.approx(sum(M[i, i] for i in range(T)) / T)
+    assert facts["AM"] == pytest.approx((sum(below) + sum(M[i, i] for i in range(T)))
+                                        / (len(below) + T))
+    assert facts["AC"] == pytest.approx(np.mean([M[i, j] >= M[j, j] for i in range(T)
+                                                 for j in range(i)]))
+
+
+def test_agreement_is_the_mean_cosine_of_teacher_and_student_features_per_part(tiny):
+    seed = 0
+    data, split = tiny.data(seed)
+    teacher, student = tiny.model("fd", seed, 0), tiny.model("fd", seed, 1)  # 2 tasks: one pair
+    expected = {}
+    for part, classes in (("new", split.classes(1)), ("old", range(split.seen(0)))):
+        images = data.test.of_classes(classes).images
+        a = tiny.features(teacher, images, seed).double().numpy()
+        b = tiny.features(student, images, seed).double().numpy()
+        cos = [x @ y / np.linalg.norm(x) / np.linalg.norm(y) for x, y in zip(a, b, strict=True)]
+        expected[part] = float(np.mean(cos))
+    got = tiny.agreement("fd", seed)
+    assert got["new"] == pytest.approx(expected["new"], abs=1e-5)
+    assert got["old"] == pytest.approx(expected["old"], abs=1e-5)
+    assert got["new"] != pytest.approx(got["old"], abs=1e-6)  # the two parts are not one set
