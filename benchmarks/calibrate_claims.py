@@ -25,6 +25,8 @@ effect takes, beyond the threshold by 3 sd. benchmarks/README.md has the table.
     python benchmarks/calibrate_claims.py                  # native; about 50 min on 2 cores
     python benchmarks/calibrate_claims.py --cpus native sse41 --out ...
     python benchmarks/calibrate_claims.py --rescore benchmarks/results/claims-calibration.json
+    python benchmarks/calibrate_claims.py --only fd_agrees_less_on_old --out ...   # some claims,
+                                                      # natively, training only what they need
 
 Writes benchmarks/results/claims-calibration.json (refused if it exists: pass --out) with the
 per-seed facts of every run, the value of every claim on every subset, and the table. Runs are
@@ -77,13 +79,15 @@ def child(seeds: list[int]) -> None:
                               **where}), flush=True)
 
 
-def summarise(rows: list[dict], cpu: str) -> tuple[list[dict], float]:
-    """Per claim: mean, sd, margin in sd and failure share over the subsets measured on `cpu`;
-    and the share of subsets on which any claim fails."""
+def summarise(rows: list[dict], cpu: str, claims: list[str] | None = None
+              ) -> tuple[list[dict], float]:
+    """Per claim (all of course.CLAIMS, or `claims`): mean, sd, margin in sd and failure share
+    over the subsets measured on `cpu`; and the share of subsets on which any claim fails."""
     from csdkit import course
 
     table, failed = [], {}
-    for name, claim in course.CLAIMS.items():
+    for name in claims or course.CLAIMS:
+        claim = course.CLAIMS[name]
         mine = [r for r in rows if r["claim"] == name and r["cpu"] == cpu]
         values = np.array([r["value"] for r in mine], dtype=float)
         fails = [not claim.holds(v) for v in values]
@@ -118,6 +122,35 @@ def rescore(path: Path) -> None:
     print(f"rescored {path}")
 
 
+def only(names: list[str], seeds: list[int], out: Path) -> None:
+    """Measure the claims `names` natively on every 3-seed subset of `seeds`, in this process
+    (training only what they need); write the table and the per-subset values to `out`."""
+    import torch
+
+    from csdkit import course
+    from csdkit.runs import write_json
+
+    unknown = sorted(set(names) - set(course.CLAIMS))
+    if unknown:
+        raise SystemExit(f"unknown claims {unknown}; see csdkit.course.CLAIMS")
+    c, start = course.setup(seeds=tuple(seeds), quiet=True), time.perf_counter()
+    where = {"machine": course.machine(torch.device("cpu")),
+             "capability": torch.backends.cpu.get_cpu_capability()}
+    rows = [{"claim": name, "seeds": subset, "value": course.CLAIMS[name].measure(c, subset),
+             "cpu": "native", **where}
+            for name in names for subset in itertools.combinations(seeds, SUBSET)]
+    table, any_fails = summarise([r for r in rows if r["claim"] in names], "native",
+                                 claims=names)
+    for t in table:
+        print(f"| {t['notebook']} | {t['claim']} | {'at most' if t['at_most'] else 'at least'} "
+              f"{t['threshold']:g} | {t['mean']:.3f} ± {t['sd']:.3f} | {t['margin_sd']:.1f} | "
+              f"{100 * t['fails_on']:.1f}% |")
+    write_json(out, {"seeds": seeds, "subset": SUBSET, "machine": where, "table": table,
+                     "any_claim_fails": any_fails, "rows": rows,
+                     "wall_seconds": time.perf_counter() - start})
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +158,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs=2, default=[100, 120], metavar=("FIRST", "END"),
                    help="calibration seeds FIRST..END-1 (default 100 120); never 0-2")
     p.add_argument("--child", type=int, nargs="+", help=argparse.SUPPRESS)  # seeds, in a child
+    p.add_argument("--only", nargs="+", metavar="CLAIM", help="measure these claims only, "
+                   "natively, in this process (--out required)")
     p.add_argument("--rescore", type=Path, metavar="JSON",
                    help="re-apply today's thresholds to a results file's stored values, in place")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" /
@@ -134,6 +169,10 @@ def main() -> None:
         return child(a.child)
     if a.rescore is not None:
         return rescore(a.rescore)
+    if a.only:
+        from csdkit.runs import refuse_existing
+
+        return only(a.only, list(range(*a.seeds)), refuse_existing(a.out))
     from csdkit import course
     from csdkit.runs import refuse_existing, write_json
 

@@ -385,6 +385,12 @@ CLAIMS: dict[str, Claim] = {
         "04", "the maps agree with the numbers: FD's final map separates task 1's letters "
               "better than fine-tuning's (R@1 in 2-D at least 0.05 higher on average)",
         lambda c, seeds: seed_mean(seeds, map_difference(c, "fd", "finetune")), 0.05),
+    "fd_holds_old_letters": Claim(
+        "04", "on the letters seen before, FD's student agrees with its teacher far more than "
+              "fine-tuning's: mean cosine of the two models' features at least 0.45 higher, on "
+              "average",
+        lambda c, seeds: seed_mean(seeds, lambda s: c.agreement("fd", s)["old"] -
+                                   c.agreement("finetune", s)["old"]), 0.45),
     # 05: CSD
     "csd_beats_ft": Claim(
         "05", "CSD as Eq. 8 raises the paper's Average over fine-tuning's by at least 0.02, on "
@@ -451,23 +457,23 @@ CLAIMS: dict[str, Claim] = {
                              for m in COMPATIBILITY), 0.25),
     "bct_below_beats_ft": Claim(
         "08", "BCT makes new models search old galleries better than fine-tuning does: its mean "
-              "below the diagonal is at least 0.05 higher, on average",
+              "below the diagonal is at least 0.1 higher, on average",
         lambda c, seeds: seed_mean(seeds, difference(c, "bct", "finetune", "below_diagonal")),
-        0.05),
+        0.1),
     "bct_pays_little": Claim(
         "08", "and pays almost nothing for it in its own retrieval: its mean diagonal is at most "
               "0.01 below fine-tuning's, on average",
         lambda c, seeds: seed_mean(seeds, difference(c, "finetune", "bct", "diagonal")), 0.01,
         at_most=True),
     "simplex_no_gain": Claim(
-        "08", "the fixed simplex classifier does not raise compatibility here: its mean below "
-              "the diagonal is at most 0.02 above fine-tuning's, on average",
+        "08", "the fixed simplex classifier does not raise compatibility much here: its mean "
+              "below the diagonal is at most 0.05 above fine-tuning's, on average",
         lambda c, seeds: seed_mean(seeds, difference(c, "simplex", "finetune", "below_diagonal")),
-        0.02, at_most=True),
+        0.05, at_most=True),
     "fd_no_tradeoff": Claim(
-        "08", "no trade-off for FD: its own retrieval (mean diagonal) is at least 0.04 above "
+        "08", "no trade-off for FD: its own retrieval (mean diagonal) is at least 0.05 above "
               "fine-tuning's too, on average",
-        lambda c, seeds: seed_mean(seeds, difference(c, "fd", "finetune", "diagonal")), 0.04),
+        lambda c, seeds: seed_mean(seeds, difference(c, "fd", "finetune", "diagonal")), 0.05),
 }
 
 
@@ -530,6 +536,11 @@ EXERCISES: dict[str, Exercise] = {
         "04", "FD's drift of task 1's classes (class distances) at w_fd = 0.1, not 1",
         ("less", "more"), "more", 0.25, _change("fd", "drift", w_fd=0.1),
         lambda c: c.replace(w_fd=0.1).runs(["fd"])),
+    "ex04_where_fd_agrees": Exercise(
+        "04", "FD's teacher-student agreement (mean cosine) on the old letters minus on the new "
+              "task's letters", ("lower", "higher"), "higher", 0.01,
+        lambda c, s: c.agreement("fd", s)["old"] - c.agreement("fd", s)["new"],
+        lambda c: c.runs(["fd"])),
     "ex05_no_student_terms": Exercise(
         "05", "the paper's Average of the authors' form without its student-student terms",
         ("lower", "higher"), "lower", 0.01,
@@ -542,7 +553,7 @@ EXERCISES: dict[str, Exercise] = {
         c.runs(["fd"], (s,))["fd"][0].compatibility[-1][0], lambda c: c.runs(["fd"])),
     "ex08_fd_or_bct": Exercise(
         "08", "FD's mean below the diagonal (old galleries searched) minus BCT's",
-        ("lower", "higher"), "higher", 0.2,
+        ("lower", "higher"), "higher", 0.1,
         lambda c, s: c.facts("fd", s)["below_diagonal"] - c.facts("bct", s)["below_diagonal"],
         lambda c: c.runs(["fd", "bct"])),
 }

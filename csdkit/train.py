@@ -162,8 +162,9 @@ PRESETS: dict[str, Config] = {
     # 12x12. Later tasks at fine-tuning's best new-task rate on validation fonts (1e-3), three
     # times as long as the first: longer training is what makes it forget, as in the paper
     # (benchmarks/README.md, "The protocol"). channels_last: oneDNN's NHWC convs, ~1.1x here.
+    # w_bct: BCT's weight by COMPAT_RULE on validation fonts (benchmarks/tune.py compatibility).
     "course": Config(dataset="glyphs", image_size=12, n_tasks=5, epochs_first=12, epochs=36,
-                     lr_later=1e-3, class_order="seed", channels_last="always"),
+                     lr_later=1e-3, class_order="seed", channels_last="always", w_bct=10.0),
     # The authors' CIFAR-100 protocol (csd-method.md): ResNet-32, 800 epochs a task, batch 128,
     # Adam 1e-3 then 1e-5, weight decay 5e-4, MultiStepLR 200/400/600, crop(4)+flip, all 50k
     # training images (val_fraction 0) as they did; never selected on test. Their class order
