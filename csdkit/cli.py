@@ -12,12 +12,13 @@ import pandas as pd
 import torch
 
 from csdkit import train
-from csdkit.course import METHODS as FULL  # --full: every method the course trains
+from csdkit.course import METHODS as COURSE_METHODS
 from csdkit.data import DATASETS
 from csdkit.runs import cache_folder, machine, run_id, run_identity, run_name, write_json
 from csdkit.train import METHODS, PRESETS, precision, prepare, preset, resolve_device, run
 
 QUICK_LOOK = ["finetune", "fd", "csd"]  # the default demo: about 2 minutes on 2 cores
+FULL = [*COURSE_METHODS, "bct", "simplex"]  # --full: every method notebooks 03-08 train
 DEMO_PAIRS = [("fd", "finetune"), ("lwf", "finetune"), ("csd", "finetune"),
               ("csd_official", "finetune"), ("csd", "lwf"), ("csd", "fd"), ("csd_official", "fd"),
               ("csd_official", "csd")]
