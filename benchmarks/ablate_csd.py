@@ -12,11 +12,14 @@ Every arm trains CE + triplet on every task and, from task 2 on, KD plus one fea
                     authors' code without its student-student terms
     csd_official    KD + the authors' code: SupCon over [student, teacher] views, tau 0.07
     csd_student     KD + the authors' code without its teacher terms: SupCon on the student
+    bct, simplex    the two methods built for compatibility (notebook 08), for context: BCT's
+                    influence loss (w_bct of the course preset), a fixed simplex classifier
 
 on the course protocol (glyphs at 12 px, 5 tasks of 8 letters; PRESETS["course"]), seeds
 0-4 (the seed draws the class order and the initialisation; same seed, same first task for
 every arm). Reported: the paper's Average (mean over tasks of R@1 within each task) and the
-first task's R@1 after the last task, on the test fonts.
+first task's R@1 after the last task, on the test fonts; and AM, the mean of each run's
+compatibility matrix's lower triangle (notebook 08), for every arm.
 
     python benchmarks/ablate_csd.py      # writes benchmarks/results/ablate-csd.json
 
@@ -48,6 +51,8 @@ ARMS = {
     "csd_transposed": ("csd_transposed", {}),
     "csd_official": ("csd_official", {}),
     "csd_student": ("csd_student", {}),
+    "bct": ("bct", {}),
+    "simplex": ("simplex", {}),
 }
 # Each pair isolates one ingredient (read "a - b": what a adds to b).
 PAIRS = [
@@ -61,6 +66,8 @@ PAIRS = [
     ("csd_official", "fd"),
     ("csd t=0.07", "fd"),
     ("fd", "lwf"),
+    ("bct", "finetune"),  # what the compatibility methods do to the paper's metrics
+    ("simplex", "finetune"),
 ]
 METRICS = ("task_avg_R@1", "first_task_R@1")
 
@@ -87,7 +94,7 @@ def main() -> None:
     paired = pd.concat([report.paired_differences(rows, PAIRS, m, family=family)
                         for m in METRICS])
     print(f"course protocol, {a.seeds} seeds, mean ± std ({wall:.0f} s wall):")
-    print(table[["seeds", *METRICS, "pooled_R@1"]].to_string())
+    print(table[["seeds", *METRICS, "pooled_R@1", "AM"]].to_string())
     print(f"\npaired differences, 95% t-intervals (beyond_noise_all: Bonferroni over {family}):")
     print(paired.to_string())
     write_json(a.out, {"config": {k: str(v) for k, v in vars(cfg).items()}, "seeds": seeds,
