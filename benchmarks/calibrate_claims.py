@@ -139,8 +139,7 @@ def only(names: list[str], seeds: list[int], out: Path) -> None:
     rows = [{"claim": name, "seeds": subset, "value": course.CLAIMS[name].measure(c, subset),
              "cpu": "native", **where}
             for name in names for subset in itertools.combinations(seeds, SUBSET)]
-    table, any_fails = summarise([r for r in rows if r["claim"] in names], "native",
-                                 claims=names)
+    table, any_fails = summarise(rows, "native", claims=names)
     for t in table:
         print(f"| {t['notebook']} | {t['claim']} | {'at most' if t['at_most'] else 'at least'} "
               f"{t['threshold']:g} | {t['mean']:.3f} ± {t['sd']:.3f} | {t['margin_sd']:.1f} | "

@@ -51,27 +51,22 @@ class Stored:
 
 def calibrate(path: Path) -> None:
     """Measure notebook 08's claims (course.CLAIMS) on every 3-seed subset of the results
-    file's seeds; store the table in the file (key "claims_08")."""
+    file's seeds, summarised as calibrate_claims.py does; store the table (key "claims_08")."""
+    from calibrate_claims import summarise  # this folder's script, on sys.path when run
+
     results = json.loads(path.read_text())
-    stored, table = Stored(results), []
-    subsets = list(itertools.combinations(stored.seeds, len(course.SEEDS)))
+    stored = Stored(results)
+    names = [name for name, claim in course.CLAIMS.items() if claim.notebook == "08"]
+    rows = [{"claim": name, "seeds": subset, "value": course.CLAIMS[name].measure(stored, subset),
+             "cpu": "native"}
+            for name in names for subset in itertools.combinations(stored.seeds, len(course.SEEDS))]
+    table, _ = summarise(rows, "native", claims=names)
     print("| claim | threshold | mean ± sd over subsets | margin (sd) | fails on |")
     print("|---|---|---|---|---|")
-    for name, claim in course.CLAIMS.items():
-        if claim.notebook != "08":
-            continue
-        values = np.array([claim.measure(stored, subset) for subset in subsets])
-        sign = -1 if claim.at_most else 1
-        sd = float(values.std(ddof=1))
-        row = {"claim": name, "statement": claim.statement, "threshold": claim.threshold,
-               "at_most": claim.at_most, "mean": float(values.mean()), "sd": sd,
-               "margin_sd": sign * (values.mean() - claim.threshold) / sd if sd > 0 else None,
-               "fails_on": float(np.mean([not claim.holds(v) for v in values])),
-               "subsets": len(subsets)}
-        table.append(row)
-        margin = "∞ (sd 0)" if row["margin_sd"] is None else f"{row['margin_sd']:.1f}"
-        print(f"| {name} | {'at most' if claim.at_most else 'at least'} {claim.threshold:g} | "
-              f"{row['mean']:.3f} ± {sd:.3f} | {margin} | {100 * row['fails_on']:.1f}% |")
+    for t in table:
+        print(f"| {t['claim']} | {'at most' if t['at_most'] else 'at least'} {t['threshold']:g} | "
+              f"{t['mean']:.3f} ± {t['sd']:.3f} | {t['margin_sd']:.1f} | "
+              f"{100 * t['fails_on']:.1f}% |")
     write_json(path, {**results, "claims_08": table})
 
 
