@@ -7,6 +7,7 @@ finished runs and never mix two machines' numbers. Writes are atomic (temp file,
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
@@ -210,10 +211,16 @@ def _run_job(job: dict) -> RunResult:
     return run(**job)
 
 
+_POOLS: dict = {}  # workers -> a pool kept for the session: a new one costs ~3 s of imports
+
+
 def _run_parallel(jobs: list[dict], workers: int) -> list[RunResult]:
-    """run(**job) for every job, `workers` at a time in spawned processes (safe on every OS)."""
+    """run(**job) for every job, `workers` at a time in spawned processes (safe on every OS).
+    Each job seeds itself and sets its threads, so a worker that ran other jobs before computes
+    the same numbers as a fresh one."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     if workers <= 1 or len(jobs) <= 1:
         threads = torch.get_num_threads()
@@ -221,17 +228,24 @@ def _run_parallel(jobs: list[dict], workers: int) -> list[RunResult]:
             return [_run_job(job) for job in jobs]
         finally:
             torch.set_num_threads(threads)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-        return list(pool.map(_run_job, jobs))
+    if workers not in _POOLS:
+        _POOLS[workers] = pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"))
+        atexit.register(pool.shutdown)  # before the interpreter tears the module down
+    try:
+        return list(_POOLS[workers].map(_run_job, jobs))
+    except BrokenProcessPool:  # a worker died (e.g. out of memory): the next call starts anew
+        _POOLS.pop(workers).shutdown(wait=False)
+        raise
 
 
 def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 2,
-             first_only: bool = False) -> list[RunResult]:
+             first_only: bool = False, last_task: int | None = None) -> list[RunResult]:
     """Train (config, method) pairs, `workers` at a time with one torch thread each (a CPU
     run's last digits depend on its threads, never on `workers`); return results in order.
     Each run resumes from folder/<run_name>/; runs that differ only in LATER_TASKS_ONLY share
-    one first task in folder/<first_name>/. first_only: train and return just those. Workers
+    one first task in folder/<first_name>/. first_only: train and return just those.
+    last_task: stop every run after this task (0-based); the full run resumes from it. Workers
     are spawned processes that import the caller again: call this from a notebook, or from a
     script under `if __name__ == "__main__":`."""
     from csdkit.train import prepare, run
@@ -242,7 +256,8 @@ def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 
               "out_dir": folder / run_name(cfg, method, data[repr(cfg)][0]),
               "first": folder / first_name(cfg, data[repr(cfg)][0], method)}
              for cfg, method in runs]
-    todo = [p for p in plans if not (p["out_dir"] / "result.json").exists() or first_only]
+    done = "result.json" if last_task is None else f"task{last_task}.pt"
+    todo = [p for p in plans if not (p["out_dir"] / done).exists() or first_only]
     firsts = {p["first"]: {"cfg": first_task_config(p["cfg"]), "method": first_method(p["method"]),
                            "last_task": 0, "quiet": True} for p in todo if p["method"] != "joint"}
     _run_parallel([{**job, "out_dir": path} for path, job in firsts.items()
@@ -250,8 +265,8 @@ def run_grid(runs: list[tuple[Config, str]], folder: str | Path, workers: int = 
     if first_only:
         return [run(**firsts[p["first"]], out_dir=p["first"], data=data[repr(p["cfg"])])
                 for p in plans]
-    _run_parallel([{k: v for k, v in p.items() if k != "first"} |
+    _run_parallel([{k: v for k, v in p.items() if k != "first"} | {"last_task": last_task} |
                    ({} if p["method"] == "joint" else {"first_task": p["first"] / "task0.pt"})
                    for p in todo], workers)
-    return [run(p["cfg"], p["method"], p["out_dir"], quiet=True, data=data[repr(p["cfg"])])
-            for p in plans]  # all trained now: this only loads
+    return [run(p["cfg"], p["method"], p["out_dir"], quiet=True, data=data[repr(p["cfg"])],
+                last_task=last_task) for p in plans]  # all trained now: this only loads

@@ -545,6 +545,6 @@ def run(cfg: Config, method: str, out_dir: str | Path | None = None, quiet: bool
         result.add(m, seconds)
         first_features.append(extract(model, first_test.images, data.mean, data.std)[0])
     result.compatibility = metrics.compatibility_matrix(first_features, first_test.labels).tolist()
-    if out is not None:
-        write_json(out / "result.json", result.to_json())
+    if out is not None and len(steps) == (1 if method == "joint" else split.n_tasks):
+        write_json(out / "result.json", result.to_json())  # only a finished run has one
     return result

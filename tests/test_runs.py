@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from csdkit import runs
+from csdkit.runs import run_grid
 from csdkit.train import Config, prepare, run
 
 TINY = Config(n_tasks=2, epochs=1, batch_size=64, depth=8, seed=0)
@@ -74,3 +76,36 @@ def test_written_files_get_the_users_usual_permissions(tmp_path):
     os.umask(umask)
     runs.write_json(tmp_path / "r.json", {})
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_grid_stopped_after_a_task_is_the_full_runs_beginning(tmp_path):
+    """last_task=1 trains tasks 1-2 of each run; the whole run then resumes from them (tasks
+    3-5 trained once, tasks 1-2 not again) and its rows equal those of a separate, uninterrupted
+    run of the same config and seed in another folder; the stopped run's rows are its first."""
+    cfg = TINY.replace(n_tasks=5)
+    whole = run_grid([(cfg, "fd")], tmp_path / "whole", workers=1)[0]
+    stopped = run_grid([(cfg, "fd")], tmp_path / "split", workers=1, last_task=1)[0]
+    (folder,) = [p for p in (tmp_path / "split").iterdir() if "-fd-" in p.name]
+    assert len(stopped.recall) == 2 and not (folder / "result.json").exists()
+    assert sorted(p.name for p in folder.glob("task*.pt")) == ["task0.pt", "task1.pt"]
+    stamp = (folder / "task1.pt").stat().st_mtime_ns
+    resumed = run_grid([(cfg, "fd")], tmp_path / "split", workers=1)[0]
+    assert (folder / "task1.pt").stat().st_mtime_ns == stamp  # loaded, not trained again
+    assert resumed.seconds[:2] == stopped.seconds
+    np.testing.assert_array_equal(resumed.recall, whole.recall)  # NaN above the diagonal
+    np.testing.assert_array_equal(stopped.recall, whole.recall[:2])
+
+
+def test_two_workers_compute_what_one_does_and_keep_their_pool(tmp_path):
+    """Runs trained two at a time in spawned workers equal the same runs trained in this
+    process; a second grid reuses the workers (a new pool costs seconds of imports)."""
+    grid = [(TINY, "finetune"), (TINY, "fd"), (TINY.replace(seed=1), "fd")]
+    alone = run_grid(grid, tmp_path / "one", workers=1)
+    two = run_grid(grid, tmp_path / "two", workers=2)
+    pool = runs._POOLS[2]
+    again = run_grid([(TINY.replace(seed=2), m) for m in ("finetune", "fd")], tmp_path / "two",
+                     workers=2)
+    assert runs._POOLS[2] is pool and len(again) == 2
+    for a, b in zip(alone, two, strict=True):
+        np.testing.assert_array_equal(a.recall, b.recall)
+        np.testing.assert_array_equal(a.compatibility, b.compatibility)
