@@ -12,6 +12,11 @@ reports, mean ± std over the seeds:
 
     python benchmarks/sweep_rates.py --out benchmarks/results/sweep-rates-course.json
     python benchmarks/sweep_rates.py --lr-later 1e-3 --epochs 36 --out /tmp/x.json
+    python benchmarks/sweep_rates.py --tasks 2 --epochs 36 --lr-later 3e-4 1e-3 1e-2 \
+        --methods finetune fd csd csd_official --seeds $(seq 100 119) --out ...  # notebook 09's
+
+--tasks 2 stops every run after task 2 (the first update only, as notebook 09 sweeps it): then
+"tasks 2-5" above read "task 2", "after task 5" reads "after task 2", pooled is over 16 letters.
 
 Runs are cached (runs/cache/, shared with the notebooks); results files are never overwritten.
 """
@@ -33,7 +38,7 @@ from csdkit.train import RunResult, preset  # noqa: E402
 
 
 def scores(r: RunResult) -> dict:
-    R = np.asarray(r.recall, dtype=float)
+    R = np.asarray(r.recall, dtype=float)[:, : len(r.recall)]  # the tasks trained
     return {"first_drop": R[0, 0] - R[-1, 0], "new_task": float(np.mean(np.diag(R)[1:])),
             "task_avg": r.task_average_recall, "pooled": r.final_recall}
 
@@ -45,6 +50,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, nargs="+", default=[12], help="later-task epochs")
     p.add_argument("--methods", nargs="+", default=["finetune", "fd", "csd_official"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--tasks", type=int, default=None, help="stop after this many tasks")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cache", type=Path, default=Path("runs/cache"))
     p.add_argument("--out", type=Path, required=True)
@@ -57,7 +63,7 @@ def main() -> None:
     results = run_grid([(base.replace(epochs=ep, epochs_first=None if ep == 12 else 12,
                                       lr_later=lr, seed=s), m)
                         for ep, lr, m, s in keys], cache_folder(a.cache, torch.device("cpu")),
-                       a.workers)
+                       a.workers, last_task=None if a.tasks is None else a.tasks - 1)
     rows = [{"epochs": ep, "lr_later": lr, "method": m, "seed": s, **scores(r)}
             for (ep, lr, m, s), r in zip(keys, results, strict=True)]
     print(f"{'epochs':>6} {'lr_later':>8} {'method':>13}  first-task drop   new-task R@1"
@@ -67,7 +73,8 @@ def main() -> None:
         cells = [f"{np.mean([r[k] for r in sel]):6.3f} ± {np.std([r[k] for r in sel], ddof=1):.3f}"
                  for k in ("first_drop", "new_task", "task_avg", "pooled")]
         print(f"{ep:>6} {lr:>8g} {m:>13}  " + "   ".join(cells))
-    write_json(out, {"base": {k: str(v) for k, v in vars(base).items()}, "rows": rows,
+    write_json(out, {"base": {k: str(v) for k, v in vars(base).items()}, "tasks": a.tasks,
+                     "rows": rows,
                      "wall_seconds": time.perf_counter() - start, "torch": torch.__version__,
                      "machine": machine(torch.device("cpu")), "workers": a.workers})
     print(f"wrote {out}")
