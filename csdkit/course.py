@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
+from scipy.stats import binomtest, spearmanr
 
 from csdkit import metrics
 from csdkit.data import Dataset, ImageSet, TaskSplit
@@ -53,6 +53,7 @@ class Course:
     seeds: tuple[int, ...]
     cache: Path
     workers: int
+    last_task: int | None = None  # stop every run after this task (0-based): see first_tasks
     _memo: dict = field(default_factory=dict, repr=False)
 
     def _cached(self, key: tuple, compute):  # the memo's value, computed on the first call
@@ -70,7 +71,7 @@ class Course:
         todo = [(m, s) for m in methods for s in seeds if ("run", m, s) not in self._memo]
         if todo:
             results = run_grid([(self.cfg.replace(seed=s), m) for m, s in todo], self.cache,
-                               self.workers)
+                               self.workers, last_task=self.last_task)
             self._memo.update({("run", m, s): r for (m, s), r in zip(todo, results, strict=True)})
         return {m: [self._memo["run", m, s] for s in seeds] for m in methods}
 
@@ -141,7 +142,7 @@ class Course:
         diagonal and mean below the diagonal (task 1's test images), and `_old_classes`."""
         def compute() -> dict[str, float]:
             r = self.runs([method], (seed,))[method][0]
-            R = np.asarray(r.recall, dtype=float)
+            R = np.asarray(r.recall, dtype=float)[:, : len(r.recall)]  # the tasks trained
             out = {"task_avg": r.task_average_recall, "pooled": r.final_recall,
                    "first_task_final": R[-1, 0], "old_class_accuracy": r.old_accuracy[-1]}
             if method == "joint":
@@ -158,7 +159,7 @@ class Course:
                        old_tasks_final=float(np.mean(R[-1, :-1])),
                        drift=drift_ratio(old, new, first.labels),
                        old_gallery_R1=metrics.recall_at_k(new, first.labels, gallery=old),
-                       **self._old_classes(method, seed))
+                       **self._old_classes(method, seed, len(R)))
             return out
         return self._cached(("facts", method, seed), compute)
 
@@ -179,16 +180,19 @@ class Course:
             return {part: float(np.mean(v)) for part, v in out.items()}
         return self._cached(("agreement", method, seed), compute)
 
-    def _old_classes(self, method: str, seed: int) -> dict[str, float]:
-        """The final model on the old tasks' test images, classification beside retrieval:
-        task-agnostic (argmax over every seen class; R@1 among every seen class's images) and
-        task-aware (argmax within the query's task; R@1 within it is old_tasks_final)."""
+    def _old_classes(self, method: str, seed: int, tasks: int) -> dict[str, float]:
+        """The final model (after `tasks` tasks) on the old tasks' test images, classification
+        beside retrieval: task-agnostic (argmax over every seen class; R@1 among every seen
+        class's images) and task-aware (argmax within the query's task; R@1 within it is
+        old_tasks_final)."""
         data, split = self.data(seed)
-        test, task_of = data.test, torch.as_tensor(split.task_of_label())[data.test.labels]
+        task_of_label = torch.as_tensor(split.task_of_label())[: split.seen(tasks - 1)]
+        test = data.test.of_classes(range(len(task_of_label)))
+        task_of = task_of_label[test.labels]
         feats, logits = extract(self.model(method, seed), test.images, data.mean, data.std)
         hit = test.labels[metrics.retrieve(feats, feats, 1, exclude_self=True)[1][:, 0]]
-        old = task_of < split.n_tasks - 1
-        own_task = task_of[:, None] == torch.as_tensor(split.task_of_label())[None, :]
+        old = task_of < tasks - 1
+        own_task = task_of[:, None] == task_of_label[None, :]
         aware = logits.masked_fill(~own_task, -torch.inf).argmax(1)
         return {"old_agnostic_R1": (hit == test.labels)[old].float().mean().item(),
                 "old_aware_accuracy": (aware == test.labels)[old].float().mean().item()}
@@ -216,7 +220,13 @@ class Course:
         """The same course with other settings (e.g. lr_later=1e-3), sharing the run cache."""
         key = ("replace", tuple(sorted(changes.items())))  # one memo per changed course
         return self._cached(key, lambda: Course(self.cfg.replace(**changes), self.seeds,
-                                                self.cache, self.workers))
+                                                self.cache, self.workers, self.last_task))
+
+    def first_tasks(self, n: int) -> Course:
+        """The same course stopped after its first `n` tasks, sharing the run cache (the whole
+        course resumes from there): what a sweep of one later task's settings needs."""
+        return self._cached(("first tasks", n), lambda: Course(self.cfg, self.seeds, self.cache,
+                                                                 self.workers, n - 1))
 
     def check(self, name: str) -> None:
         """Measure claim `name` of CLAIMS over this course's seeds and check it (see `claim`).
@@ -480,6 +490,88 @@ CLAIMS: dict[str, Claim] = {
 }
 
 
+# 09: the learning rate. The sweep trains the first update only (the course stopped after task
+# 2, task 1 shared): three rates chosen before looking (a factor 3 below the course's, the
+# course's, the former course's 1e-2) and FD's weight a tenth of, equal to and ten times 1.
+SWEEP_RATES = (3e-4, 1e-3, 1e-2)
+SWEEP_METHODS = ["finetune", "fd", "csd", "csd_official"]
+SWEEP_W_FD = (0.1, 1.0, 10.0)
+
+
+def at_rate(c: Course, rate: float) -> Course:
+    """The course stopped after task 2, with task 2 trained at `rate` (notebook 09's sweep)."""
+    return c.first_tasks(2).replace(lr_later=rate)
+
+
+def rate_change(c: Course, method: str, key: str, low: float, high: float):
+    """seed -> facts(method)[key] with task 2 at rate `high` minus at rate `low`."""
+    return lambda s: at_rate(c, high).facts(method, s)[key] - at_rate(c, low).facts(method, s)[key]
+
+
+def smallest_gap(c: Course, seeds, a: str, b: str, key: str, rates) -> float:
+    """Over `rates`, the smallest mean (over the seeds) of facts(a)[key] - facts(b)[key], the
+    first update trained at that rate: "at every one of these rates"."""
+    return min(seed_mean(seeds, difference(at_rate(c, r), a, b, key)) for r in rates)
+
+
+def drop_follows_drift(c: Course, seeds) -> float:
+    """Spearman's correlation of drift and first-task drop over every run of the rate sweep."""
+    runs = [at_rate(c, r).facts(m, s) for r in SWEEP_RATES for m in SWEEP_METHODS for s in seeds]
+    return float(spearmanr([f["drift"] for f in runs], [f["drop"] for f in runs]).statistic)
+
+
+def tie_change(c: Course, key: str):  # seed -> FD's facts[key] at w_fd 10 minus at w_fd 0.1
+    two = c.first_tasks(2)
+    return lambda s: (two.replace(w_fd=SWEEP_W_FD[-1]).facts("fd", s)[key] -
+                      two.replace(w_fd=SWEEP_W_FD[0]).facts("fd", s)[key])
+
+
+CLAIMS.update({
+    "sweep_ft_forgets_at_course_rate": Claim(
+        "09", "at the course's rate, chosen for learning, fine-tuning already loses part of task "
+              "1 in the first update: its first-task drop after task 2 is at least 0.05, on "
+              "average",
+        lambda c, seeds: seed_mean(seeds, lambda s: at_rate(c, 1e-3).facts("finetune", s)["drop"]),
+        0.05),
+    "sweep_ft_moves_more_at_high_rate": Claim(
+        "09", "the higher the rate, the further task 2 moves task 1's classes: fine-tuning's "
+              "drift at 1e-2 is at least 0.2 class distances above its drift at 3e-4, on average",
+        lambda c, seeds: seed_mean(seeds, rate_change(c, "finetune", "drift", 3e-4, 1e-2)), 0.2),
+    "sweep_ft_forgets_more_at_high_rate": Claim(
+        "09", "and the more it forgets: its first-task drop at 1e-2 is at least 0.05 above its "
+              "drop at 3e-4, on average",
+        lambda c, seeds: seed_mean(seeds, rate_change(c, "finetune", "drop", 3e-4, 1e-2)), 0.05),
+    "sweep_high_rate_buys_little_learning": Claim(
+        "09", "the tenfold rate buys fine-tuning little learning: its new-task R@1 at 1e-2 is at "
+              "most 0.06 above its R@1 at the course's 1e-3, on average",
+        lambda c, seeds: seed_mean(seeds, rate_change(c, "finetune", "new_task", 1e-3, 1e-2)),
+        0.06, at_most=True),
+    "sweep_fd_moves_less_at_every_rate": Claim(
+        "09", "at every rate FD moves task 1's classes less than fine-tuning, by at least 0.2 "
+              "class distances on average",
+        lambda c, seeds: smallest_gap(c, seeds, "finetune", "fd", "drift", SWEEP_RATES), 0.2),
+    "sweep_fd_drops_less_at_every_rate": Claim(
+        "09", "and at every rate its first-task drop is below fine-tuning's, on average",
+        lambda c, seeds: smallest_gap(c, seeds, "finetune", "fd", "drop", SWEEP_RATES), 0.0),
+    "sweep_fd_fits_tasks_from_course_rate": Claim(
+        "09", "from the course's rate up, FD fits the two tasks together better than "
+              "fine-tuning: its pooled R@1 is at least 0.05 higher at 1e-3 and at 1e-2, on average",
+        lambda c, seeds: smallest_gap(c, seeds, "fd", "finetune", "pooled", (1e-3, 1e-2)), 0.05),
+    "sweep_drop_follows_drift": Claim(
+        "09", "forgetting follows movement: over every run of the sweep, the first-task drop "
+              "rises with the drift (Spearman correlation at least 0.65)",
+        drop_follows_drift, 0.65),
+    "sweep_tighter_tie_keeps_more": Claim(
+        "09", "a tighter tie keeps more: FD's first-task R@1 after task 2 is at least 0.02 higher "
+              "at w_fd 10 than at w_fd 0.1, on average",
+        lambda c, seeds: seed_mean(seeds, tie_change(c, "first_task_final")), 0.02),
+    "sweep_tighter_tie_learns_less": Claim(
+        "09", "and learns the new task less well: its new-task R@1 is lower at w_fd 10 than at "
+              "w_fd 0.1, on average",
+        lambda c, seeds: -seed_mean(seeds, tie_change(c, "new_task")), 0.0),
+})
+
+
 @dataclass(frozen=True)
 class Exercise:
     """A predict-then-test question whose answer is a finding calibrated like a claim: over
@@ -559,6 +651,10 @@ EXERCISES: dict[str, Exercise] = {
         ("lower", "higher"), "higher", 0.1,
         lambda c, s: c.facts("fd", s)["below_diagonal"] - c.facts("bct", s)["below_diagonal"],
         lambda c: c.runs(["fd", "bct"])),
+    "ex09_fd_at_high_rate": Exercise(
+        "09", "FD's drift of task 1's classes (class distances) with task 2 at 1e-2, not 3e-4",
+        ("less", "more"), "more", 0.05, lambda c, s: rate_change(c, "fd", "drift", 3e-4, 1e-2)(s),
+        lambda c: [at_rate(c, r).runs(["fd"]) for r in (3e-4, 1e-2)]),
 }
 CLAIMS.update({name: ex.claim() for name, ex in EXERCISES.items()})
 

@@ -209,7 +209,7 @@ def test_every_claim_names_its_notebook_and_measures_a_number(tiny):
     for name, spec in CLAIMS.items():
         value = spec.measure(tiny, tiny.seeds)
         assert isinstance(value, float) and math.isfinite(value), name
-        assert spec.notebook in {"01", "02", "03", "04", "05", "06", "08"}, name
+        assert spec.notebook in {"01", "02", "03", "04", "05", "06", "08", "09"}, name
 
 
 def test_a_later_task_setting_keeps_every_first_task_view_working(tiny, monkeypatch):
@@ -348,3 +348,52 @@ def test_agreement_is_the_mean_cosine_of_teacher_and_student_features_per_part(t
     assert got["new"] == pytest.approx(expected["new"], abs=1e-5)
     assert got["old"] == pytest.approx(expected["old"], abs=1e-5)
     assert got["new"] != pytest.approx(got["old"], abs=1e-6)  # the two parts are not one set
+
+
+def test_a_course_stopped_after_two_tasks_is_the_whole_courses_beginning(tmp_path):
+    """first_tasks(2) (notebook 09's sweep) trains tasks 1-2 only; its facts equal numbers worked
+    out from the whole course's run: its task matrix's first two rows, its pooled R@1 after task
+    2, and drift and the old-gallery R@1 from its task-1 and task-2 checkpoints."""
+    from csdkit.drift import drift_ratio
+
+    whole = Course(TINY.replace(n_tasks=5), (0,), tmp_path, workers=1)
+    two = whole.first_tasks(2)
+    f = two.facts("fd", 0)  # trained first, so the whole run below resumes from it
+    r = whole.runs(["fd"])["fd"][0]
+    assert len(two.runs(["fd"])["fd"][0].recall) == 2 and len(r.recall) == 5
+    assert f["drop"] == pytest.approx(r.recall[0][0] - r.recall[1][0])
+    assert f["new_task"] == pytest.approx(r.recall[1][1])
+    assert f["pooled"] == pytest.approx(r.seen_recall[1])
+    first = whole.parts(0)["first"]
+    old, new = (whole.features(whole.model("fd", 0, t), first.images) for t in (0, 1))
+    assert f["drift"] == pytest.approx(drift_ratio(old, new, first.labels))
+    assert f["old_gallery_R1"] == pytest.approx(recall_at_k(new, first.labels, gallery=old,
+                                                    gallery_labels=first.labels,
+                                                    exclude_self=True))
+    seen = whole.data(0)[0].test.of_classes(range(4))  # tasks 1-2: the first 4 digits
+    feats = whole.features(whole.model("fd", 0, 1), seen.images)
+    old_half = seen.labels < 2
+    hit = seen.labels[[int(np.argmax(np.where(np.arange(len(seen.labels)) == i, -np.inf,
+                                              (feats @ feats[i]).numpy() /
+                                              np.linalg.norm(feats.numpy(), axis=1))))
+                       for i in range(len(seen.labels))]]
+    assert f["old_agnostic_R1"] == pytest.approx((hit == seen.labels)[old_half].float().mean())
+    assert course.at_rate(whole, 1e-3).cfg.lr_later == 1e-3
+    assert course.at_rate(whole, 1e-3).last_task == 1
+
+
+def test_every_claim_is_checked_in_its_own_notebook_and_every_check_is_a_claim():
+    """The claims table and the notebooks agree: a claim no notebook checks (or a check of a
+    claim that is gone) is a finding nobody sees, or a cell that fails."""
+    import json
+    import re
+    from pathlib import Path
+
+    checked = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")):
+        code = "\n".join("".join(cell["source"]) for cell in json.loads(path.read_text())["cells"]
+                         if cell["cell_type"] == "code")
+        checked[path.name[:2]] = set(re.findall(r'c\.check\("(\w+)"\)', code)) | set(
+            re.findall(r'predict_then_test\(PREDICTION, c, "(\w+)"\)', code))
+    assert {n for n, spec in CLAIMS.items() if n not in checked.get(spec.notebook, ())} == set()
+    assert {n for names in checked.values() for n in names} - set(CLAIMS) == set()
