@@ -135,32 +135,48 @@ def paired_differences(rows: list[dict], pairs: list[tuple[str, str]], metric: s
     return pd.DataFrame(out, columns=columns).set_index("difference")
 
 
-#: The colour scale of every task-matrix heatmap in the kit, so pictures compare across runs.
+#: The colour scales of every task-matrix heatmap in the kit, so pictures compare across runs:
+#: R@1 itself, and its change since the task was learned (diverging: red lost, blue gained).
 RECALL_SCALE = (0.0, 1.0)
+CHANGE_SCALE = (-0.3, 0.3)
+
+
+def task_changes(R: np.ndarray) -> np.ndarray:
+    """R[t][j] - R[j][j] for t > j: how far task j moved since it was learned (NaN elsewhere).
+    R: a task matrix [T, T] (rows: after training task t; columns: evaluated on task j)."""
+    R = np.asarray(R, float)
+    below = np.tril(np.ones_like(R, dtype=bool), k=-1)
+    return np.where(below, R - np.diag(R)[None, :], np.nan)
 
 
 def plot_task_matrices(results: list[RunResult], path: str | Path | None = None):
-    """One heatmap per method: R[t][j] (R@1 within task j's classes after training task t),
-    the mean over seeds, on the fixed RECALL_SCALE with a colour bar."""
+    """Per method (columns), the mean over seeds of R[t][j] (R@1 within task j's classes after
+    training task t) on the fixed RECALL_SCALE, and below it the change since each task was
+    learned (`task_changes`) on the fixed, diverging CHANGE_SCALE, where the differences live."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     methods = list(dict.fromkeys(r.method for r in results if r.method != "joint"))
-    fig, axes = plt.subplots(1, len(methods), figsize=(2.9 * len(methods) + 0.8, 3),
+    fig, axes = plt.subplots(2, len(methods), figsize=(2.9 * len(methods) + 0.8, 5.8),
                              squeeze=False, layout="constrained")
-    for i, (ax, m) in enumerate(zip(axes[0], methods, strict=True)):
+    rows = [("R@1 within the task", RECALL_SCALE, "viridis", lambda R: R),
+            ("change since learned", CHANGE_SCALE, "RdBu", task_changes)]
+    for i, m in enumerate(methods):
         runs = [np.asarray(r.recall, float) for r in results if r.method == m]
         with warnings.catch_warnings():  # the upper triangle (unseen tasks) is all NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             R = np.nanmean(runs, 0)
-        T = R.shape[0]
-        last = i == len(methods) - 1
-        sns.heatmap(R, ax=ax, vmin=RECALL_SCALE[0], vmax=RECALL_SCALE[1], cmap="viridis",
-                    annot=T <= 6, fmt=".2f", mask=np.isnan(R), square=True, cbar=last,
-                    cbar_kws={"label": "R@1 within the task"} if last else None,
-                    xticklabels=range(1, T + 1), yticklabels=range(1, T + 1))
+        T, last = R.shape[0], i == len(methods) - 1
+        for ax, (label, (lo, hi), cmap, view) in zip(axes[:, i], rows, strict=True):
+            V = view(R)
+            sns.heatmap(V, ax=ax, vmin=lo, vmax=hi, cmap=cmap, annot=T <= 6, fmt=".2f",
+                        mask=np.isnan(V), square=True, cbar=last,
+                        cbar_kws={"label": label} if last else None,
+                        xticklabels=range(1, T + 1), yticklabels=range(1, T + 1))
+            ax.set(xlabel="evaluated on task", ylabel="after training task")
         seeds = f"mean of {len(runs)} seeds" if len(runs) > 1 else "1 seed"
-        ax.set(title=f"{m} ({seeds})", xlabel="evaluated on task", ylabel="after training task")
+        axes[0, i].set_title(f"{m} ({seeds})")
+        axes[1, i].set_title(f"{m}: change since learned")
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig

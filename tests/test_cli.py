@@ -146,6 +146,30 @@ def test_reference_curves_against_sklearn_neighbours_and_a_counted_chance():
     assert {"finetune", "raw pixels", "untrained net", "chance"} <= set(labels)
 
 
+def test_task_changes_by_hand_and_both_views_on_their_fixed_scales():
+    """The change view: R[t][j] - R[j][j] below the diagonal, worked by hand; the figure draws
+    R@1 on RECALL_SCALE and the change on the diverging CHANGE_SCALE, whatever the values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from csdkit.report import CHANGE_SCALE, RECALL_SCALE, plot_task_matrices, task_changes
+    from csdkit.train import RunResult
+
+    nan = float("nan")
+    R = [[0.9, nan, nan], [0.7, 0.8, nan], [0.6, 0.85, 1.0]]
+    expected = [[nan, nan, nan], [0.7 - 0.9, nan, nan], [0.6 - 0.9, 0.85 - 0.8, nan]]
+    np.testing.assert_allclose(task_changes(R), expected)  # NaN where expected is NaN
+    runs = [RunResult("finetune", {}, [], [], recall=R),
+            RunResult("finetune", {}, [], [], recall=np.add(R, 0.05).tolist())]
+    fig = plot_task_matrices(runs)
+    top, bottom = (ax.collections[0] for ax in fig.axes[:2])
+    assert top.get_clim() == RECALL_SCALE and bottom.get_clim() == CHANGE_SCALE
+    # the unmasked cells, row by row, of the mean over the two seeds
+    np.testing.assert_allclose(top.get_array().compressed(),
+                               [0.925, 0.725, 0.825, 0.625, 0.875, 1.025])
+    np.testing.assert_allclose(bottom.get_array().compressed(), [-0.2, -0.3, 0.05])
+
+
 def test_run_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch):
     from csdkit import cli
 
