@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest, spearmanr
 
-from csdkit import metrics
+from csdkit import metrics, require
 from csdkit.data import Dataset, ImageSet, TaskSplit
 from csdkit.drift import DriftMap, drift_ratio, map_recall_at_1
 from csdkit.models import ResNet, extract, resnet
@@ -501,6 +501,20 @@ SWEEP_W_FD = (0.1, 1.0, 10.0)
 def at_rate(c: Course, rate: float) -> Course:
     """The course stopped after task 2, with task 2 trained at `rate` (notebook 09's sweep)."""
     return c.first_tasks(2).replace(lr_later=rate)
+
+
+def train_together(plan: list[tuple[Course, list[str]]]) -> None:
+    """Train the runs of every (course, methods) in one pass of the workers, then memoise them
+    in each course. One call per course would leave a core idle while each call's last run
+    finishes; one pass keeps both busy. The courses share a cache, workers and `last_task`."""
+    c0 = plan[0][0]
+    require(all((c.cache, c.workers, c.last_task) == (c0.cache, c0.workers, c0.last_task)
+                for c, _ in plan), "train_together: the courses must share their cache, "
+            "workers and last task (make them with replace() from one course)")
+    run_grid([(c.cfg.replace(seed=s), m) for c, methods in plan for m in methods for s in c.seeds],
+             c0.cache, c0.workers, last_task=c0.last_task)
+    for c, methods in plan:
+        c.runs(methods)  # all trained now: this only loads
 
 
 def rate_change(c: Course, method: str, key: str, low: float, high: float):

@@ -382,6 +382,31 @@ def test_a_course_stopped_after_two_tasks_is_the_whole_courses_beginning(tmp_pat
     assert course.at_rate(whole, 1e-3).last_task == 1
 
 
+def test_training_courses_together_gives_each_course_its_own_runs(tmp_path, monkeypatch):
+    """train_together (notebook 09: every run in one pass) trains every course's runs in one
+    pass of the workers and memoises them: the same numbers as each course trained alone."""
+    from csdkit import runs
+
+    passes = []  # the number of runs each pass of the workers trains
+    parallel = runs._run_parallel
+    monkeypatch.setattr(runs, "_run_parallel", lambda jobs, w: passes.append(len(jobs)) or
+                        parallel(jobs, w))
+    together = Course(TINY, (0,), tmp_path / "together", workers=1).first_tasks(2)
+    alone = Course(TINY, (0,), tmp_path / "alone", workers=1).first_tasks(2)
+    plan = [(together.replace(lr_later=3e-4), ["finetune", "fd"]),
+            (together.replace(w_fd=10.0), ["fd"])]
+    course.train_together(plan)
+    assert [n for n in passes if n] == [1, 3]  # the shared first task, then all three runs
+    assert all(("run", m, 0) in c._memo for c, methods in plan for m in methods)
+    for (c, methods), changes in zip(plan, [{"lr_later": 3e-4}, {"w_fd": 10.0}], strict=True):
+        mine = alone.replace(**changes).runs(methods)
+        assert {m: [r.recall for r in rs] for m, rs in c.runs(methods).items()} == \
+               {m: [r.recall for r in rs] for m, rs in mine.items()}
+    assert len(list((tmp_path / "together").iterdir())) == 1 + 3  # one first task, three runs
+    with pytest.raises(ValueError, match="share their cache"):
+        course.train_together([(together, ["fd"]), (alone, ["fd"])])
+
+
 def test_every_claim_is_checked_in_its_own_notebook_and_every_check_is_a_claim():
     """The claims table and the notebooks agree: a claim no notebook checks (or a check of a
     claim that is gone) is a finding nobody sees, or a cell that fails."""
