@@ -138,7 +138,7 @@ def paired_differences(rows: list[dict], pairs: list[tuple[str, str]], metric: s
 #: The colour scales of every task-matrix heatmap in the kit, so pictures compare across runs:
 #: R@1 itself, and its change since the task was learned (diverging: red lost, blue gained).
 RECALL_SCALE = (0.0, 1.0)
-CHANGE_SCALE = (-0.3, 0.3)
+CHANGE_SCALE = (-0.2, 0.2)
 
 
 def task_changes(R: np.ndarray) -> np.ndarray:
@@ -170,10 +170,11 @@ def plot_task_matrices(results: list[RunResult], path: str | Path | None = None)
         for ax, (label, (lo, hi), cmap, view) in zip(axes[:, i], rows, strict=True):
             V = view(R)
             sns.heatmap(V, ax=ax, vmin=lo, vmax=hi, cmap=cmap, annot=T <= 6, fmt=".2f",
-                        mask=np.isnan(V), square=True, cbar=last,
+                        annot_kws={"size": 8}, mask=np.isnan(V), square=True, cbar=last,
                         cbar_kws={"label": label} if last else None,
                         xticklabels=range(1, T + 1), yticklabels=range(1, T + 1))
             ax.set(xlabel="evaluated on task", ylabel="after training task")
+            ax.grid(False)  # the theme's grid would cross the cells
         seeds = f"mean of {len(runs)} seeds" if len(runs) > 1 else "1 seed"
         axes[0, i].set_title(f"{m} ({seeds})")
         axes[1, i].set_title(f"{m}: change since learned")
