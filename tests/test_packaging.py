@@ -50,3 +50,15 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in cmd and "--nbval" in cmd
     ci = (ROOT / ".ci" / "run").read_text()
     assert "test-command" in ci
+
+
+def test_the_code_and_the_notebooks_are_ruff_clean():
+    """The style the kit promises (pyproject's [tool.ruff]), for the package, the tests, the
+    benchmarks and the notebooks' code cells alike; ruff comes with the test extra."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ruff")
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
