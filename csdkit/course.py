@@ -650,6 +650,11 @@ EXERCISES: dict[str, Exercise] = {
               "task's letters", ("lower", "higher"), "higher", 0.01,
         lambda c, s: c.agreement("fd", s)["old"] - c.agreement("fd", s)["new"],
         lambda c: c.runs(["fd"])),
+    "ex04_kd_or_features": Exercise(
+        "04", "the final model's R@1 in the first model's gallery, FD's minus LwF's",
+        ("lower", "higher"), "higher", 0.05,
+        lambda c, s: c.facts("fd", s)["old_gallery_R1"] - c.facts("lwf", s)["old_gallery_R1"],
+        lambda c: c.runs(["lwf", "fd"])),
     "ex05_no_student_terms": Exercise(
         "05", "the paper's Average of the authors' form without its student-student terms",
         ("lower", "higher"), "lower", 0.01,

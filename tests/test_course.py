@@ -188,6 +188,8 @@ def test_claims_measure_what_they_say_on_hand_made_numbers():
     assert measure["best_distiller_beats_raw"] == pytest.approx(2.75 / 3 - 0.51)
     assert measure["best_distiller_beats_ft"] == pytest.approx(2.75 / 3 - 0.70)
     assert measure["fd_compat_beats_ft"] == pytest.approx(0.7 / 3)  # (0.2 + 0.4 + 0.1) / 3
+    # notebook 04's exercise, FD's old-gallery R@1 minus LwF's: (0.2 + 0.5 + 0.1) / 3
+    assert CLAIMS["ex04_kd_or_features"].measure(c, seeds) == pytest.approx(0.8 / 3)
     c = HandMadeCourse(_facts(old_agnostic_R1={"finetune": [0.6, 0.5, 0.7]},
                               old_class_accuracy={"finetune": [0.0, 0.1, 0.2]},
                               old_tasks_final={"finetune": [0.8, 0.9, 0.7]},
