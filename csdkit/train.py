@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -458,11 +459,18 @@ def evaluate(model: ResNet, data: Dataset, split: TaskSplit, task: int) -> dict:
 
 
 def prepare(cfg: Config) -> tuple[Dataset, TaskSplit]:
-    """Load the dataset, cut it into tasks and relabel it in class order."""
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, seed=cfg.seed,
-                        val_fraction=cfg.val_fraction, path=cfg.data_path)
-    split = make_split(data.n_classes, cfg.n_tasks, cfg.first_task, cfg.increment,
-                       cfg.class_order, cfg.seed)
+    """Load the dataset, cut it into tasks and relabel it in class order. Memoised on what it
+    reads of cfg: a notebook asks for the same data dozens of times (each ~0.1 s)."""
+    order = cfg.class_order if isinstance(cfg.class_order, str | None) else tuple(cfg.class_order)
+    return _prepare(cfg.dataset, cfg.data_root, cfg.image_size, cfg.seed, cfg.val_fraction,
+                    cfg.data_path, cfg.n_tasks, cfg.first_task, cfg.increment, order)
+
+
+@functools.lru_cache(maxsize=4)
+def _prepare(dataset, root, size, seed, val_fraction, path, n_tasks, first, increment, order):
+    data = load_dataset(dataset, root, size, seed=seed, val_fraction=val_fraction, path=path)
+    split = make_split(data.n_classes, n_tasks, first, increment,
+                       order if isinstance(order, str | None) else list(order), seed)
     return data.relabel(split.class_order), split
 
 

@@ -480,3 +480,17 @@ def test_run_reports_the_compatibility_matrix_of_its_models(tmp_path, tiny_data)
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["AC"] == float(M[1, 0] >= M[0, 0])
     assert saved["AM"] == pytest.approx((M[0, 0] + M[1, 0] + M[1, 1]) / 3)
+
+
+def test_prepare_is_memoised_on_what_it_reads_only():
+    """The same data object for configs that differ in training settings only; other data
+    wherever the seed's class order or an explicit order (a list) differs."""
+    seeded = TINY.replace(class_order="seed")
+    a = prepare(seeded)
+    assert prepare(seeded.replace(lr_later=0.5, epochs=7, w_fd=3.0)) is a
+    b = prepare(seeded.replace(seed=1))
+    assert b is not a and b[1].class_order != a[1].class_order
+    order = list(reversed(range(10)))
+    c = prepare(TINY.replace(class_order=order))
+    assert c[1].class_order == order and prepare(TINY.replace(class_order=order)) is c
+    assert prepare(TINY.replace(class_order=list(range(10))))[1].class_order == list(range(10))
