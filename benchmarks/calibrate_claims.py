@@ -134,7 +134,9 @@ def only(names: list[str], seeds: list[int], out: Path) -> None:
     if unknown:
         raise SystemExit(f"unknown claims {unknown}; see csdkit.course.CLAIMS")
     c, start = course.setup(seeds=tuple(seeds), quiet=True), time.perf_counter()
-    for name in set(names) & set(course.EXERCISES):  # every seed at once, two runs at a time
+    if any(course.CLAIMS[name].notebook == "09" for name in names):
+        course.train_together(course.sweep_plan(c))  # every seed at once, two runs at a time
+    for name in set(names) & set(course.EXERCISES):
         course.EXERCISES[name].train(c)
     where = {"machine": course.machine(torch.device("cpu")),
              "capability": torch.backends.cpu.get_cpu_capability()}

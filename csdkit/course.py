@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import binomtest, spearmanr
+from scipy.stats import binomtest
 
 from csdkit import metrics, require
 from csdkit.data import Dataset, ImageSet, TaskSplit
@@ -491,16 +491,26 @@ CLAIMS: dict[str, Claim] = {
 
 
 # 09: the learning rate. The sweep trains the first update only (the course stopped after task
-# 2, task 1 shared): three rates chosen before looking (a factor 3 below the course's, the
-# course's, the former course's 1e-2) and FD's weight a tenth of, equal to and ten times 1.
-SWEEP_RATES = (3e-4, 1e-3, 1e-2)
-SWEEP_METHODS = ["finetune", "fd", "csd", "csd_official"]
+# 2, task 1 shared), for fine-tuning and FD: the course's rate and ten times it, the rate an
+# earlier version of the course used; and FD's weight a tenth of, equal to and ten times the
+# course's 1 (the course's own runs give the rate 1e-3 and the weight 1: nothing to train).
+# (A finer grid, 3e-4 too and both CSD forms, put the course over its 10-minute budget; the
+# five-task sweep over four rates is benchmarks/sweep_rates.py.)
+SWEEP_RATES = (1e-3, 1e-2)
+SWEEP_METHODS = ["finetune", "fd"]
 SWEEP_W_FD = (0.1, 1.0, 10.0)
 
 
 def at_rate(c: Course, rate: float) -> Course:
     """The course stopped after task 2, with task 2 trained at `rate` (notebook 09's sweep)."""
     return c.first_tasks(2).replace(lr_later=rate)
+
+
+def sweep_plan(c: Course) -> list[tuple[Course, list[str]]]:
+    """Every run notebook 09 needs, as (course, methods) for train_together: the first update at
+    each of SWEEP_RATES, and FD's weight at each of SWEEP_W_FD (the course's rate)."""
+    return [(at_rate(c, rate), SWEEP_METHODS) for rate in SWEEP_RATES] + [
+        (c.first_tasks(2).replace(w_fd=w), ["fd"]) for w in SWEEP_W_FD]
 
 
 def train_together(plan: list[tuple[Course, list[str]]]) -> None:
@@ -528,13 +538,7 @@ def smallest_gap(c: Course, seeds, a: str, b: str, key: str, rates) -> float:
     return min(seed_mean(seeds, difference(at_rate(c, r), a, b, key)) for r in rates)
 
 
-def drop_follows_drift(c: Course, seeds) -> float:
-    """Spearman's correlation of drift and first-task drop over every run of the rate sweep."""
-    runs = [at_rate(c, r).facts(m, s) for r in SWEEP_RATES for m in SWEEP_METHODS for s in seeds]
-    return float(spearmanr([f["drift"] for f in runs], [f["drop"] for f in runs]).statistic)
-
-
-def tie_change(c: Course, key: str):  # seed -> FD's facts[key] at w_fd 10 minus at w_fd 0.1
+def tie_change(c: Course, key: str):  # seed -> FD's facts[key] at w_fd 10 minus at 0.1
     two = c.first_tasks(2)
     return lambda s: (two.replace(w_fd=SWEEP_W_FD[-1]).facts("fd", s)[key] -
                       two.replace(w_fd=SWEEP_W_FD[0]).facts("fd", s)[key])
@@ -549,32 +553,31 @@ CLAIMS.update({
         0.05),
     "sweep_ft_moves_more_at_high_rate": Claim(
         "09", "the higher the rate, the further task 2 moves task 1's classes: fine-tuning's "
-              "drift at 1e-2 is at least 0.2 class distances above its drift at 3e-4, on average",
-        lambda c, seeds: seed_mean(seeds, rate_change(c, "finetune", "drift", 3e-4, 1e-2)), 0.2),
+              "drift at 1e-2 is at least 0.04 class distances above its drift at the course's "
+              "1e-3, on average",
+        lambda c, seeds: seed_mean(seeds, rate_change(c, "finetune", "drift", 1e-3, 1e-2)),
+        0.04),
     "sweep_ft_forgets_more_at_high_rate": Claim(
-        "09", "and the more it forgets: its first-task drop at 1e-2 is at least 0.05 above its "
-              "drop at 3e-4, on average",
-        lambda c, seeds: seed_mean(seeds, rate_change(c, "finetune", "drop", 3e-4, 1e-2)), 0.05),
+        "09", "and the more it forgets: its first-task drop is larger at 1e-2 than at 1e-3, on "
+              "average",
+        lambda c, seeds: seed_mean(seeds, rate_change(c, "finetune", "drop", 1e-3, 1e-2)), 0.0),
     "sweep_high_rate_buys_little_learning": Claim(
         "09", "the tenfold rate buys fine-tuning little learning: its new-task R@1 at 1e-2 is at "
               "most 0.06 above its R@1 at the course's 1e-3, on average",
         lambda c, seeds: seed_mean(seeds, rate_change(c, "finetune", "new_task", 1e-3, 1e-2)),
         0.06, at_most=True),
-    "sweep_fd_moves_less_at_every_rate": Claim(
-        "09", "at every rate FD moves task 1's classes less than fine-tuning, by at least 0.2 "
+    "sweep_fd_moves_less_at_both_rates": Claim(
+        "09", "at both rates FD moves task 1's classes less than fine-tuning, by at least 0.4 "
               "class distances on average",
-        lambda c, seeds: smallest_gap(c, seeds, "finetune", "fd", "drift", SWEEP_RATES), 0.2),
-    "sweep_fd_drops_less_at_every_rate": Claim(
-        "09", "and at every rate its first-task drop is below fine-tuning's, on average",
-        lambda c, seeds: smallest_gap(c, seeds, "finetune", "fd", "drop", SWEEP_RATES), 0.0),
-    "sweep_fd_fits_tasks_from_course_rate": Claim(
-        "09", "from the course's rate up, FD fits the two tasks together better than "
-              "fine-tuning: its pooled R@1 is at least 0.05 higher at 1e-3 and at 1e-2, on average",
-        lambda c, seeds: smallest_gap(c, seeds, "fd", "finetune", "pooled", (1e-3, 1e-2)), 0.05),
-    "sweep_drop_follows_drift": Claim(
-        "09", "forgetting follows movement: over every run of the sweep, the first-task drop "
-              "rises with the drift (Spearman correlation at least 0.65)",
-        drop_follows_drift, 0.65),
+        lambda c, seeds: smallest_gap(c, seeds, "finetune", "fd", "drift", SWEEP_RATES), 0.4),
+    "sweep_fd_drops_less_at_both_rates": Claim(
+        "09", "and at both rates its first-task drop is at least 0.04 below fine-tuning's, on "
+              "average",
+        lambda c, seeds: smallest_gap(c, seeds, "finetune", "fd", "drop", SWEEP_RATES), 0.04),
+    "sweep_fd_fits_tasks_at_both_rates": Claim(
+        "09", "at both rates FD fits the two tasks together better than fine-tuning: its pooled "
+              "R@1 is at least 0.05 higher, on average",
+        lambda c, seeds: smallest_gap(c, seeds, "fd", "finetune", "pooled", SWEEP_RATES), 0.05),
     "sweep_tighter_tie_keeps_more": Claim(
         "09", "a tighter tie keeps more: FD's first-task R@1 after task 2 is at least 0.02 higher "
               "at w_fd 10 than at w_fd 0.1, on average",
@@ -671,9 +674,10 @@ EXERCISES: dict[str, Exercise] = {
         lambda c, s: c.facts("fd", s)["below_diagonal"] - c.facts("bct", s)["below_diagonal"],
         lambda c: c.runs(["fd", "bct"])),
     "ex09_fd_at_high_rate": Exercise(
-        "09", "FD's drift of task 1's classes (class distances) with task 2 at 1e-2, not 3e-4",
-        ("less", "more"), "more", 0.05, lambda c, s: rate_change(c, "fd", "drift", 3e-4, 1e-2)(s),
-        lambda c: [at_rate(c, r).runs(["fd"]) for r in (3e-4, 1e-2)]),
+        "09", "FD's drift of task 1's classes (class distances) with task 2 at 1e-2, not the "
+              "course's 1e-3", ("less", "more"), "more", 0.05,
+        lambda c, s: rate_change(c, "fd", "drift", 1e-3, 1e-2)(s),
+        lambda c: train_together([(at_rate(c, r), ["fd"]) for r in SWEEP_RATES])),
 }
 CLAIMS.update({name: ex.claim() for name, ex in EXERCISES.items()})
 

@@ -409,6 +409,23 @@ def test_training_courses_together_gives_each_course_its_own_runs(tmp_path, monk
         course.train_together([(together, ["fd"]), (alone, ["fd"])])
 
 
+def test_notebook_09_trains_only_what_the_course_has_not(tmp_path, monkeypatch):
+    """Once the course's fine-tuning and FD runs exist, notebook 09's plan trains four one-task
+    runs: both methods at 1e-2, FD at w_fd 0.1 and 10 (the course's rate and weight are read)."""
+    from csdkit import runs
+
+    passes = []
+    parallel = runs._run_parallel
+    monkeypatch.setattr(runs, "_run_parallel", lambda jobs, w: passes.append(len(jobs)) or
+                        parallel(jobs, w))
+    c = Course(TINY.replace(lr_later=course.SWEEP_RATES[0]), (0,), tmp_path, workers=1)
+    c.runs(course.SWEEP_METHODS)
+    passes.clear()
+    course.train_together(course.sweep_plan(c))
+    assert [n for n in passes if n] == [4]
+    assert len(list(tmp_path.iterdir())) == 1 + 2 + 4  # one first task, the course's two, four
+
+
 def test_every_claim_is_checked_in_its_own_notebook_and_every_check_is_a_claim():
     """The claims table and the notebooks agree: a claim no notebook checks (or a check of a
     claim that is gone) is a finding nobody sees, or a cell that fails."""
