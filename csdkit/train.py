@@ -460,7 +460,8 @@ def evaluate(model: ResNet, data: Dataset, split: TaskSplit, task: int) -> dict:
 
 def prepare(cfg: Config) -> tuple[Dataset, TaskSplit]:
     """Load the dataset, cut it into tasks and relabel it in class order. Memoised on what it
-    reads of cfg: a notebook asks for the same data dozens of times (each ~0.1 s)."""
+    reads of cfg: a notebook asks for the same data dozens of times (each ~0.1 s), so callers
+    share the tensors and must not modify them in place."""
     order = cfg.class_order if isinstance(cfg.class_order, str | None) else tuple(cfg.class_order)
     return _prepare(cfg.dataset, cfg.data_root, cfg.image_size, cfg.seed, cfg.val_fraction,
                     cfg.data_path, cfg.n_tasks, cfg.first_task, cfg.increment, order)
