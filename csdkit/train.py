@@ -462,7 +462,7 @@ def prepare(cfg: Config) -> tuple[Dataset, TaskSplit]:
     """Load the dataset, cut it into tasks and relabel it in class order. Memoised on what it
     reads of cfg: a notebook asks for the same data dozens of times (each ~0.1 s), so callers
     share the tensors and must not modify them in place."""
-    order = cfg.class_order if isinstance(cfg.class_order, str | None) else tuple(cfg.class_order)
+    order = cfg.class_order if isinstance(cfg.class_order, str) else tuple(cfg.class_order)
     return _prepare(cfg.dataset, cfg.data_root, cfg.image_size, cfg.seed, cfg.val_fraction,
                     cfg.data_path, cfg.n_tasks, cfg.first_task, cfg.increment, order)
 
@@ -470,8 +470,7 @@ def prepare(cfg: Config) -> tuple[Dataset, TaskSplit]:
 @functools.lru_cache(maxsize=4)
 def _prepare(dataset, root, size, seed, val_fraction, path, n_tasks, first, increment, order):
     data = load_dataset(dataset, root, size, seed=seed, val_fraction=val_fraction, path=path)
-    split = make_split(data.n_classes, n_tasks, first, increment,
-                       order if isinstance(order, str | None) else list(order), seed)
+    split = make_split(data.n_classes, n_tasks, first, increment, order, seed)  # a tuple will do
     return data.relabel(split.class_order), split
 
 
